@@ -1,0 +1,1 @@
+"""Datasets: formats -> manifest, the embedded synthetic dataset, validation (GX), versioning (DVC)."""

@@ -1,0 +1,143 @@
+"""Safe image probing and decoding: formats, truncation, decompression bombs, tiny images."""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from data.errors import ImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
+              "GIF": ".gif", "MPO": ".jpg"}
+
+# We check the pixel count ourselves before decoding, with our own limit; PIL's own guard then only
+# needs to stop what slips past (it raises above twice this value).
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+@dataclass
+class ImageInfo:
+    """What probing a file found. `error` is None when the image is usable."""
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    sha1: str = ""
+    phash: int = 0       # 64-bit DCT perceptual hash (near-duplicate check)
+    error: str | None = None
+
+
+def _open(data: bytes, where: str, max_pixels: int, info: ImageInfo | None = None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large (decompression bomb guard): {e}", where) from None
+    except Exception:
+        raise ImageError("not an image, or a format that cannot be read (expected JPEG/PNG/WebP/BMP/TIFF/GIF)",
+                         where) from None
+    w, h = img.size
+    if info is not None:
+        info.width, info.height, info.format = w, h, img.format or ""
+    if w * h > max_pixels:
+        raise ImageError(f"image too large: {w}x{h} = {w * h / 1e6:.1f} megapixels "
+                         f"(limit {max_pixels / 1e6:.0f} MP)", where)
+    return img
+
+
+def decode(data: bytes, where: str = "image", max_pixels: int = 40_000_000,
+           min_side_px: int = 32, draft_px: int | None = None) -> Image.Image:
+    """Decode bytes into an upright RGB PIL image, or raise ImageError saying what is wrong.
+
+    Handles EXIF rotation, CMYK, 16-bit, grayscale, palette and alpha. `draft_px` lets JPEG decode at
+    a reduced scale (fast checks).
+    """
+    if not data:
+        raise ImageError("empty file", where)
+    img = _open(data, where, max_pixels)
+    if min(img.size) < min_side_px:
+        raise ImageError(f"image too small: {img.size[0]}x{img.size[1]} px (min side {min_side_px} px)", where)
+    try:
+        if draft_px and img.format == "JPEG":
+            img.draft("RGB", (draft_px, draft_px))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float32)
+            img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            bg = Image.new("RGB", img.size, (255, 255, 255))
+            bg.paste(img, mask=img.getchannel("A"))
+            img = bg
+        return img.convert("RGB")
+    except ImageError:
+        raise
+    except Exception as e:
+        msg = str(e) or type(e).__name__
+        kind = "truncated" if "truncat" in msg.lower() else "corrupt"
+        raise ImageError(f"{kind} image data ({msg})", where) from None
+
+
+def load_rgb(path: Path | str, max_pixels: int = 40_000_000, min_side_px: int = 1) -> np.ndarray:
+    """Read a file into an RGB uint8 array [H x W x 3]."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError("file not found", str(path)) from None
+    return np.asarray(decode(data, str(path), max_pixels=max_pixels, min_side_px=min_side_px))
+
+
+def phash(img: Image.Image) -> int:
+    """64-bit perceptual hash: sign of the low 8x8 DCT coefficients of a 32x32 grayscale thumbnail."""
+    from scipy.fft import dctn
+
+    small = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32)
+    low = dctn(small, norm="ortho")[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def probe(path: Path, max_pixels: int, min_side_px: int = 1, max_file_mb: float = 50.0) -> ImageInfo:
+    """Open, fully decode (JPEG at reduced scale) and fingerprint one file; never raises."""
+    info = ImageInfo()
+    try:
+        if not path.is_file():
+            raise ImageError("file not found", str(path))
+        size_mb = path.stat().st_size / 1e6
+        if size_mb > max_file_mb:
+            raise ImageError(f"file too large: {size_mb:.1f} MB (limit {max_file_mb} MB)", str(path))
+        data = path.read_bytes()
+        info.sha1 = hashlib.sha1(data).hexdigest()
+        head = _open(data, str(path), max_pixels, info)
+        img = decode(data, str(path), max_pixels=max_pixels, min_side_px=min_side_px, draft_px=64)
+        if head.format == "JPEG" and _exif_swaps(head):
+            info.width, info.height = info.height, info.width
+        info.phash = phash(img)
+    except ImageError as e:
+        info.error = e.what
+    return info
+
+
+def _exif_swaps(img: Image.Image) -> bool:
+    try:
+        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:
+        return False
+
+
+def probe_many(paths: list[Path], max_pixels: int, min_side_px: int = 1, max_file_mb: float = 50.0,
+               workers: int = 4) -> list[ImageInfo]:
+    """probe() over many files with a thread pool (PIL and zlib release the GIL while decoding)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda p: probe(Path(p), max_pixels, min_side_px, max_file_mb), paths))

@@ -1,0 +1,153 @@
+"""The `ilr` command line. Every command is a thin shell over an importable function."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from data.config import DataConfig, from_params, ilr_home, params
+from data.errors import IlrError
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="ilr: instance-level recognition platform")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate, ingest, validate, version.")
+app.add_typer(data_app, name="data")
+_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
+
+
+def _fail(e: IlrError) -> None:
+    err.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _data_cfg(**overrides) -> DataConfig:
+    return from_params(DataConfig, "data", **overrides)
+
+
+@data_app.command("generate")
+def data_generate(size: str = typer.Option("tiny", help="tiny | small | medium"),
+                  out: Path = typer.Option(..., help="output folder"),
+                  seed: int = typer.Option(0)):
+    """Generate the embedded synthetic multi-domain dataset into a folder (no versioning)."""
+    from data import synthetic
+
+    t0 = time.perf_counter()
+    df = synthetic.generate(out, size, seed=seed, workers=2)
+    console.print(f"generated synthetic-{size} (seed {seed}): {len(df)} images in {time.perf_counter() - t0:.1f}s "
+                  f"-> {out}")
+
+
+@data_app.command("ingest")
+def data_ingest(source: str = typer.Argument(..., help="dataset folder (or, for synthetic, a size: tiny|small|medium)"),
+                fmt: str = typer.Option(..., "--format", help="gldv2 | roxford | folder | met | sop | synthetic"),
+                name: str = typer.Option(..., help="dataset name, e.g. synthetic-small"),
+                domain: Optional[str] = typer.Option(None, help="folder format: landmark|artwork|product|other"),
+                queries: Optional[Path] = typer.Option(None, help="folder format: file listing query images"),
+                seed: int = typer.Option(0, help="synthetic: generator seed"),
+                link: bool = typer.Option(False, help="hard-link images into the store instead of copying")):
+    """Read, validate (Great Expectations) and version (DVC) a dataset; prints NAME@VERSION."""
+    from data.versioning import ingest
+
+    opts = {k: v for k, v in {"domain": domain, "queries": queries, "seed": seed}.items() if v is not None}
+    try:
+        t0 = time.perf_counter()
+        version, report = ingest(fmt, source, name, _data_cfg(link=link or None), log=console.print, **opts)
+    except IlrError as e:
+        _fail(e)
+    dup = report.summary.get("near_duplicates", {})
+    console.print(f"validated: {sum(v for k, v in version.counts.items() if k.startswith('split/'))} images, "
+                  f"{dup.get('query_vs_index', 0)} query/index near-duplicates; Data Docs: {report.docs_path}")
+    state = "unchanged, already" if version.unchanged else "new version"
+    console.print(f"{state} [bold]{version.ref}[/] (git {version.git_rev[:10]}, dvc {version.dvc_md5}) "
+                  f"in {time.perf_counter() - t0:.1f}s")
+
+
+@data_app.command("versions")
+def data_versions(name: str):
+    """List the versions of a dataset: git rev, DVC hash, counts per split and domain."""
+    from data.versioning import versions
+
+    try:
+        found = versions(name)
+    except IlrError as e:
+        _fail(e)
+    if not found:
+        err.print(f"no versions of {name!r}")
+        raise typer.Exit(1)
+    t = Table(title=f"dataset {name}")
+    for col in ("version", "git rev", "dvc md5", "created", "splits", "domains"):
+        t.add_column(col)
+    for v in found:
+        splits = " ".join(f"{k[6:]}={n}" for k, n in v.counts.items() if k.startswith("split/"))
+        domains = " ".join(f"{k[7:]}={n}" for k, n in v.counts.items() if k.startswith("domain/"))
+        t.add_row(v.version, v.git_rev[:10], v.dvc_md5, v.created[:19], splits, domains)
+    console.print(t)
+
+
+@data_app.command("checkout")
+def data_checkout(ref: str = typer.Argument(..., help="NAME@VERSION (vN, a git rev, or latest)")):
+    """Restore a dataset version into the store."""
+    from data.versioning import checkout
+
+    try:
+        v, folder = checkout(ref)
+    except IlrError as e:
+        _fail(e)
+    console.print(f"checked out {v.ref} (git {v.git_rev[:10]}, dvc {v.dvc_md5}) -> {folder}")
+
+
+@data_app.command("validate")
+def data_validate(folder: Path = typer.Argument(..., help="a dataset folder with manifest.parquet"),
+                  report: Optional[Path] = typer.Option(None, help="write a JSON report here")):
+    """Validate a dataset folder with the Great Expectations suite (no versioning)."""
+    from data import manifest
+    from data.validate import validate
+
+    try:
+        df = manifest.read(folder)
+        r = validate(df, folder, manifest.read_info(folder).get("name", folder.name), _data_cfg(),
+                     report_path=report)
+    except IlrError as e:
+        _fail(e)
+    console.print(f"valid: {len(df)} images; Data Docs: {r.docs_path}")
+
+
+@app.command("demo")
+def demo(size: str = typer.Option(None, help="synthetic size (default: params.yaml demo.size)"),
+         seed: int = typer.Option(None, help="generator seed (default: params.yaml demo.seed)")):
+    """The whole lifecycle on the embedded dataset (today: generate, ingest, validate, version)."""
+    from data.versioning import ingest
+
+    cfg = params("demo")
+    size = size or cfg.get("size", "small")
+    seed = seed if seed is not None else int(cfg.get("seed", 0))
+    name = f"synthetic-{size}"
+    console.rule(f"ilr demo: {name}")
+    console.print(f"workspace: {ilr_home()}")
+    try:
+        t0 = time.perf_counter()
+        version, report = ingest("synthetic", size, name, _data_cfg(), log=console.print, seed=seed)
+    except IlrError as e:
+        _fail(e)
+    console.print(f"dataset [bold]{version.ref}[/] (git {version.git_rev[:10]}, dvc {version.dvc_md5})"
+                  f"{' unchanged' if version.unchanged else ''} in {time.perf_counter() - t0:.1f}s")
+    console.print(f"validation report: Data Docs {report.docs_path}")
+    console.print(f"list versions: ilr data versions {name}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

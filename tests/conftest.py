@@ -1,0 +1,61 @@
+"""Shared fixtures: a throw-away git + DVC workspace, and small real images."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def make_image(path: Path, seed: int = 0, size=(96, 72), fmt: str | None = None, mode: str = "RGB") -> Path:
+    """A textured random image (distinct per seed) written in the format implied by the suffix."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+def jpeg_bytes(seed: int = 0, size=(96, 72)) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty git repository as ILR_REPO and a fresh ILR_HOME; yields the repo path."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "init")
+    monkeypatch.setenv("ILR_REPO", str(repo))
+    monkeypatch.setenv("ILR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ILR_PARAMS", str(tmp_path / "no-params.yaml"))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """The embedded `tiny` dataset, generated once per test session."""
+    from data import synthetic
+
+    out = tmp_path_factory.mktemp("synthetic") / "tiny"
+    synthetic.generate(out, "tiny", seed=0, workers=2)
+    return out
