@@ -363,11 +363,16 @@ def _render_job(args) -> list[tuple[dict, bytes]]:
     return out
 
 
-def generate(out_dir: Path, size: str = "tiny", seed: int = 0, workers: int = 2, progress=None) -> pd.DataFrame:
-    """Write `size` ("tiny", "small", "medium") into out_dir/{images/, manifest.parquet, dataset.json}."""
-    if size not in SIZES:
+def generate(out_dir: Path, size: str | SyntheticSpec = "tiny", seed: int = 0, workers: int = 2,
+             progress=None) -> pd.DataFrame:
+    """Write `size` ("tiny", "small", "medium", or a custom spec) into out_dir/{images/, manifest.parquet,
+    dataset.json}."""
+    if isinstance(size, SyntheticSpec):
+        spec, size = size, "custom"
+    elif size in SIZES:
+        spec = SIZES[size]
+    else:
         raise ValueError(f"unknown size {size!r}; one of {list(SIZES)}")
-    spec = SIZES[size]
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(job, spec, seed) for job in _plan(spec, seed)]

@@ -252,8 +252,11 @@ def _commit(staged: Path, name: str, df: pd.DataFrame, fmt: str, repo: Path, cfg
         n = len(existing) + 1
         counts = manifest.counts(df)
         _git(repo, "add", dvc_rel, gitignore)
-        _git(repo, "commit", "-q", "-m", f"data: {name} v{n} ({len(df)} images, {fmt})", "--", dvc_rel, gitignore)
-        rev = _git(repo, "rev-parse", "HEAD").strip()
+        if _git(repo, "status", "--porcelain", "--", dvc_rel, gitignore).strip():
+            _git(repo, "commit", "-q", "-m", f"data: {name} v{n} ({len(df)} images, {fmt})", "--", dvc_rel,
+                 gitignore)
+        # else: git already records this content (e.g. a clone without our tags): tag that commit
+        rev = _git(repo, "log", "-1", "--format=%H", "--", dvc_rel).strip()
         meta = {"dvc_md5": md5, "counts": counts, "format": fmt}
         _git(repo, "tag", "-a", f"{TAG_PREFIX}/{name}/v{n}", "-m", f"{name} v{n}\n\n{json.dumps(meta)}")
     except BaseException:  # put the previous state back, whatever went wrong

@@ -146,3 +146,11 @@ def test_validation_reports_dataset_rules(workspace, tiny_synthetic, tmp_path):
     assert df.at[q[0], "image_id"] in text
     assert not versions("syn") and not (workspace / "data" / "store" / "syn").exists()
     assert subprocess.run(["git", "tag"], cwd=workspace, capture_output=True, text=True).stdout == ""
+
+
+def test_clone_without_tags_reingests_to_a_version(workspace, tiny_synthetic):
+    """A fresh clone has NAME.dvc committed but may lack the version tags: ingest tags the existing commit."""
+    v1, _ = ingest("synthetic", str(tiny_synthetic), "syn", log=lambda *_: None)
+    git(workspace, "tag", "-d", "ilr-data/syn/v1")
+    again, _ = ingest("synthetic", str(tiny_synthetic), "syn", log=lambda *_: None)
+    assert again.version == "v1" and again.git_rev == v1.git_rev and not again.unchanged
