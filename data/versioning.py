@@ -251,10 +251,10 @@ def _commit(staged: Path, name: str, df: pd.DataFrame, fmt: str, repo: Path, cfg
         _dvc(repo, "push", "-q", dvc_rel)  # the payload reaches the remote before git records it
         n = len(existing) + 1
         counts = manifest.counts(df)
-        _git(repo, "add", dvc_rel, gitignore)
-        if _git(repo, "status", "--porcelain", "--", dvc_rel, gitignore).strip():
-            _git(repo, "commit", "-q", "-m", f"data: {name} v{n} ({len(df)} images, {fmt})", "--", dvc_rel,
-                 gitignore)
+        paths = [dvc_rel] + ([gitignore] if ignore_file.exists() else [])  # absent when git ignores it already
+        _git(repo, "add", *paths)
+        if _git(repo, "status", "--porcelain", "--", *paths).strip():
+            _git(repo, "commit", "-q", "-m", f"data: {name} v{n} ({len(df)} images, {fmt})", "--", *paths)
         # else: git already records this content (e.g. a clone without our tags): tag that commit
         rev = _git(repo, "log", "-1", "--format=%H", "--", dvc_rel).strip()
         meta = {"dvc_md5": md5, "counts": counts, "format": fmt}

@@ -1,0 +1,100 @@
+"""Settings of the model layer (params.yaml sections `model`, `train`, `extract`, `rerank`)."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from data.config import from_params
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_lite0"   # any timm model with features_only; lite0/lite2 load offline
+    pretrained: bool = True
+    dim: int = 512                            # global descriptor size D (paper: 2048 on ResNet)
+    local_dim: int = 0                        # autoencoder size; 0 = 128, or 64 when the stage has < 256 channels
+    attention_hidden: int = 0                 # 0 = 512, or 256 when the stage has < 256 channels
+    gem_p: float = 3.0
+    arcface_margin: float = 0.1
+    arcface_scale: float = 0.0                # 0 = sqrt(dim), as the paper
+    subcenters: int = 1                       # > 1: sub-center ArcFace
+    dynamic_margins: bool = False             # class-frequency margins (GLR 2020/2021 winners)
+    attention_loss_weight: float = 1.0
+    reconstruction_loss_weight: float = 10.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    clip_grad_norm: float = 10.0
+    image_size: int = 224
+    crop_scale_min: float = 0.35
+    color_jitter: float = 0.2
+    val_every: int = 20
+    checkpoint_every: int = 20
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"                      # auto | cpu | cuda
+    amp: bool = True                          # mixed precision on CUDA
+    experiment: str = "ilr-delg"
+
+
+@dataclass
+class ExtractConfig:
+    max_side_px: int = 384                    # longest side cap (paper: 1024; CPU default smaller)
+    scales: tuple[float, ...] = (0.7071, 1.0, 1.4142)   # global descriptor scales; local uses them too
+    local_scales: tuple[float, ...] = ()      # extra local-only scales (paper: 0.25 ... 2.0); () = same as global
+    max_local_features: int = 0               # 0 = 1000 on CUDA, 500 on CPU
+    attention_threshold: float = 0.0          # keep only keypoints with attention >= this
+    batch_size: int = 8
+    bucket_px: int = 32                       # images are resized to sides that are multiples of this
+    device: str = "auto"
+    cpu_threads: int = 0                      # 0 = measure once and pick the faster of 1 or all cores
+
+    def local_count(self, device: str) -> int:
+        return self.max_local_features or (1000 if device.startswith("cuda") else 500)
+
+
+@dataclass
+class RerankConfig:
+    top_k: int = 100
+    match: str = "mutual"                     # mutual nearest neighbours, and within max_distance
+    max_distance: float = 0.9                 # descriptor L2 distance bound (DELG: 0.9-1.0)
+    ransac: str = "magsac"                    # magsac | ransac (OpenCV), affine model
+    ransac_threshold_px: float = 20.0
+    ransac_iters: int = 1000
+    min_inliers: int = 4
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 2))
+
+
+def model_config(**kw) -> ModelConfig:
+    return from_params(ModelConfig, "model", **kw)
+
+
+def train_config(**kw) -> TrainConfig:
+    return from_params(TrainConfig, "train", **kw)
+
+
+def extract_config(**kw) -> ExtractConfig:
+    return from_params(ExtractConfig, "extract", **kw)
+
+
+def rerank_config(**kw) -> RerankConfig:
+    return from_params(RerankConfig, "rerank", **kw)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
