@@ -39,3 +39,44 @@ def load(folder: Path, device: str = "cpu") -> DELG:
 def off_the_shelf(cfg: ModelConfig | None = None) -> DELG:
     """The ImageNet backbone with GeM (and feature-norm attention for local features): always available."""
     return DELG(cfg or ModelConfig(), off_the_shelf=True).eval()
+
+
+REGISTERED_MODEL = "ilr-delg"
+
+
+def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
+    """A model and a description of where it came from.
+
+    None -> the registered champion (`models:/ilr-delg@champion`) if there is one, else the off-the-shelf
+    ImageNet model; a folder path; or an MLflow URI (runs:/..., models:/...), downloaded first."""
+    import os
+
+    if model_uri is None:
+        name = os.environ.get("ILR_MODEL_NAME", REGISTERED_MODEL)
+        try:
+            from mlflow import MlflowClient
+
+            from models import tracking
+
+            import mlflow
+            mlflow.set_tracking_uri(tracking.tracking_uri())
+            MlflowClient().get_model_version_by_alias(name, "champion")
+            model_uri = f"models:/{name}@champion"
+        except Exception:
+            return off_the_shelf().to(device), "off-the-shelf"
+    if Path(model_uri).exists():
+        return load(Path(model_uri), device), str(model_uri)
+    if model_uri == "off-the-shelf":
+        return off_the_shelf().to(device), "off-the-shelf"
+    import mlflow
+
+    from models import tracking
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        local = mlflow.artifacts.download_artifacts(model_uri)
+    except Exception as e:
+        raise IlrError(f"cannot fetch model {model_uri!r}: {e}") from None
+    folder = Path(local)
+    if not (folder / CONFIG).exists() and (folder / "model" / CONFIG).exists():
+        folder = folder / "model"
+    return load(folder, device), model_uri

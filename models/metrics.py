@@ -57,7 +57,7 @@ def retrieval_map(orders: np.ndarray | Sequence[np.ndarray], positives: Sequence
     out = {"map": float(np.mean(valid)) if valid else float("nan"), "aps": aps, "queries": len(valid)}
     if prs:
         mp = np.mean(np.asarray(prs), axis=0)
-        out.update({f"mp@{k}": float(v) for k, v in zip(kappas, mp)})
+        out.update({f"mp_at_{k}": float(v) for k, v in zip(kappas, mp)})
     return out
 
 
@@ -73,7 +73,7 @@ def revisited_map(orders, gnd: Sequence[Mapping[str, Sequence[int]]], kappas=(1,
         jk = [np.concatenate([np.asarray(g[k], dtype=np.int64) for k in junk_keys]) for g in gnd]
         r = retrieval_map(orders, ok, jk, kappas)
         out[name] = r["map"]
-        out.update({f"{name}_{k}": v for k, v in r.items() if k.startswith("mp@")})
+        out.update({f"{name}_{k}": v for k, v in r.items() if k.startswith("mp_at_")})
     return out
 
 

@@ -9,6 +9,7 @@ from functools import lru_cache
 from data.config import ilr_home
 
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 

@@ -1,0 +1,199 @@
+"""Evaluation of a model on a dataset version with the dataset's own protocol.
+
+Protocols (dataset.json): `labels` (queries vs index, positives share the label), `leave_one_out` (every
+index image with another image of its label queries all the others), `revisited` (Easy/Medium/Hard with
+junk, queries cropped to their bbx), `gldv2` (mAP@100 and recognition GAP). Global search is exact
+(a matrix product); re-ranking re-orders the top-K with local features stored compactly (int8), as the
+service stores them.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from data import manifest
+from data.config import NO_LABEL, ilr_home
+from data.errors import IlrError
+from data.images import load_rgb
+from data.versioning import dataset_dir
+from models import artifacts, metrics, tracking
+from models.config import ExtractConfig, RerankConfig, resolve_device
+from models.extract import Extractor, Features, pack_local, unpack_local
+from models.rerank import Reranker, recognition_score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    summary: dict
+    per_query: pd.DataFrame
+    csv_path: Path | None = None
+    run_id: str | None = None
+
+
+def _crop(row, folder: Path) -> np.ndarray:
+    arr = load_rgb(folder / row["path"])
+    box = row["bbox"]
+    if isinstance(box, (list, tuple, np.ndarray)) and len(box) == 4:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        arr = arr[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
+    return arr
+
+
+def _local(features: list[Features], compact: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [unpack_local(*pack_local(f)) if compact else (f.keypoints, f.descriptors) for f in features]
+
+
+def rank(q_global: np.ndarray, db_global: np.ndarray, exclude_self: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine search. Returns (orders [Q x N] best first, similarities [Q x N])."""
+    sims = q_global @ db_global.T
+    if exclude_self is not None:
+        sims[np.arange(len(sims)), exclude_self] = -np.inf
+    return np.argsort(-sims, axis=1, kind="stable"), sims
+
+
+def rerank_orders(orders: np.ndarray, sims: np.ndarray, q_local, db_local, reranker: Reranker,
+                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-order each query's top-K by (inliers, global score); returns (orders, inliers of the new top-K,
+    recognition scores of the new top-K)."""
+    k = min(reranker.cfg.top_k, orders.shape[1])
+    new, inl_out, score_out = orders.copy(), np.zeros((len(orders), k), np.int64), np.zeros((len(orders), k))
+    for qi in range(len(orders)):
+        top = orders[qi, :k]
+        r = reranker.rerank(*q_local[qi], [db_local[j] for j in top], sims[qi, top])
+        new[qi, :k] = top[r.order]
+        inl_out[qi] = r.inliers[r.order]
+        score_out[qi] = r.scores[r.order]
+        progress and progress(qi + 1)
+    return new, inl_out, score_out
+
+
+def _ids(value) -> list:
+    return list(value) if isinstance(value, (list, tuple, np.ndarray)) else []
+
+
+def _ground_truth(protocol: str, queries: pd.DataFrame, index: pd.DataFrame, loo: bool):
+    """positives[q], junk[q] as index positions (labels protocols); gnd dicts (revisited)."""
+    pos_of = {iid: i for i, iid in enumerate(index["image_id"])}
+    if protocol == "revisited":
+        return [{k: [pos_of[x] for x in _ids(row[f"gt_{k}"]) if x in pos_of] for k in ("easy", "hard", "junk")}
+                for _, row in queries.iterrows()]
+    if protocol == "gldv2":
+        return [[pos_of[x] for x in _ids(row["gt_easy"]) if x in pos_of] for _, row in queries.iterrows()]
+    labels = index["label"].to_numpy()
+    by_label: dict[str, np.ndarray] = {}
+    for lab in set(queries["label"]):
+        by_label[lab] = np.flatnonzero(labels == lab) if lab != NO_LABEL else np.zeros(0, np.int64)
+    out = []
+    for qi, lab in enumerate(queries["label"]):
+        p = by_label[lab]
+        out.append(p[p != qi] if loo else p)
+    return out
+
+
+def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
+             ecfg: ExtractConfig | None = None, rcfg: RerankConfig | None = None, compact: bool = True,
+             out_dir: Path | None = None, log_mlflow: bool = True, log_fn: Callable[[str], None] = print,
+             model=None, model_name: str | None = None) -> Evaluation:
+    """Extract, search, optionally re-rank, and score `dataset` (NAME[@VERSION]) with its protocol."""
+    ecfg, rcfg = ecfg or ExtractConfig(), rcfg or RerankConfig()
+    version, folder = dataset_dir(dataset)
+    df, info = manifest.read(folder), manifest.read_info(folder)
+    protocol = info.get("protocol", "labels")
+    device = resolve_device(ecfg.device)
+    if model is None:
+        model, model_name = artifacts.resolve(model_uri, device)
+    extractor = Extractor(model, ecfg, device)
+    index = df[df["split"] == "index"].reset_index(drop=True)
+    if len(index) == 0:
+        raise IlrError(f"dataset {version.ref} has no index images")
+    loo = protocol == "leave_one_out"
+    t0 = time.perf_counter()
+    idx_feats = extractor.extract([folder / p for p in index["path"]])
+    if loo:
+        counts = index[index["label"] != NO_LABEL]["label"].value_counts()
+        q_pos = np.flatnonzero(index["label"].isin(counts[counts >= 2].index).to_numpy())
+        queries = index.iloc[q_pos].reset_index(drop=True)
+        q_feats = [idx_feats[i] for i in q_pos]
+    else:
+        queries = df[df["split"] == "query"].reset_index(drop=True)
+        q_feats = extractor.extract([_crop(r, folder) for _, r in queries.iterrows()])
+        q_pos = None
+    if len(queries) == 0:
+        raise IlrError(f"dataset {version.ref} has no queries for protocol {protocol!r}")
+    extract_s = time.perf_counter() - t0
+    log_fn(f"extracted {len(index)} index and {len(queries)} query images in {extract_s:.1f}s")
+    db_g = np.stack([f.global_desc for f in idx_feats])
+    q_g = np.stack([f.global_desc for f in q_feats])
+    orders, sims = rank(q_g, db_g, q_pos)
+    gt = _ground_truth(protocol, queries, index, loo)
+
+    def score(ords: np.ndarray) -> dict:
+        if protocol == "revisited":
+            return metrics.revisited_map(ords, gt)
+        r = metrics.retrieval_map(ords, gt)
+        ids = index["image_id"].to_numpy()
+        sol = {str(q): list(ids[p]) for q, p in zip(queries["image_id"], gt) if len(p)}
+        pred = {str(q): list(ids[o[:100]]) for q, o in zip(queries["image_id"], ords) if str(q) in sol}
+        out = {"map": r["map"], "map_at_100": metrics.gldv2_map_at_k(pred, sol),
+               **{k: v for k, v in r.items() if k.startswith("mp_at_")}, "aps": r["aps"]}
+        return out
+
+    summary = {"protocol": protocol, "queries": len(queries), "index": len(index), "extract_s": extract_s}
+    glob = score(orders)
+    summary.update({f"global_{k}": v for k, v in glob.items() if k != "aps"})
+    final, inliers, rec = orders, None, None
+    if rerank:
+        t1 = time.perf_counter()
+        final, inliers, rec = rerank_orders(orders, sims, _local(q_feats, compact), _local(idx_feats, compact),
+                                            Reranker(rcfg))
+        summary["rerank_s_per_query"] = (time.perf_counter() - t1) / len(queries)
+        rr = score(final)
+        summary.update({f"rerank_{k}": v for k, v in rr.items() if k != "aps"})
+    best = summary["rerank_medium" if protocol == "revisited" else "rerank_map"] if rerank else \
+        summary["global_medium" if protocol == "revisited" else "global_map"]
+    summary["map"] = best
+    if protocol == "gldv2":  # recognition: label of the best index image, DELG's score
+        labels = index["label"].to_numpy()
+        top = final[:, 0]
+        cos = sims[np.arange(len(top)), top]
+        sc = rec[:, 0] if rec is not None else recognition_score(np.zeros(len(top)), cos)
+        pred = {str(q): (str(labels[t]), float(s)) for q, t, s in zip(queries["image_id"], top, sc)}
+        sol = {str(q): _ids(v) for q, v in zip(queries["image_id"], queries["gt_labels"])
+               if isinstance(v, (list, tuple, np.ndarray))}
+        summary["gap"] = metrics.gap({q: p for q, p in pred.items() if q in sol}, sol)
+
+    aps = (rr if rerank else glob).get("aps") if protocol != "revisited" else [np.nan] * len(queries)
+    per_query = pd.DataFrame({
+        "query_id": queries["image_id"], "label": queries["label"], "ap": aps,
+        "top1_id": index["image_id"].to_numpy()[final[:, 0]], "top1_label": index["label"].to_numpy()[final[:, 0]],
+        "top1_global_score": sims[np.arange(len(final)), final[:, 0]],
+        "top1_inliers": inliers[:, 0] if inliers is not None else 0})
+    out_dir = Path(out_dir or ilr_home() / "evaluations")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"{version.name}-{version.version}-{int(time.time())}.csv"
+    per_query.to_csv(csv_path, index=False, quoting=csv.QUOTE_MINIMAL)
+    run_id = None
+    if log_mlflow:
+        import mlflow
+
+        tracking.setup("ilr-evaluation")
+        with mlflow.start_run(run_name=f"eval {version.ref}") as run:
+            run_id = run.info.run_id
+            mlflow.set_tags({"dataset": version.name, "dataset.version": version.version,
+                             "dataset.dvc_md5": version.dvc_md5, "model": model_name or "", "rerank": rerank,
+                             "protocol": protocol, "git_sha": tracking.git_sha(), "ilr.kind": "evaluate"})
+            mlflow.log_params({f"extract.{k}": v for k, v in vars(ecfg).items()})
+            mlflow.log_metrics({k: float(v) for k, v in summary.items()
+                                if isinstance(v, (int, float)) and not np.isnan(v)})
+            mlflow.log_artifact(str(csv_path))
+    summary["model"] = model_name
+    return Evaluation(summary, per_query, csv_path, run_id)
