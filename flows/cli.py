@@ -122,6 +122,50 @@ def data_validate(folder: Path = typer.Argument(..., help="a dataset folder with
     console.print(f"valid: {len(df)} images; Data Docs: {r.docs_path}")
 
 
+@app.command("train")
+def train_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
+              steps: Optional[int] = typer.Option(None, help="training steps (default: params.yaml train.steps)"),
+              batch_size: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+              image_size: Optional[int] = typer.Option(None), backbone: Optional[str] = typer.Option(None),
+              device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")):
+    """Train DELG on a dataset version; logs to MLflow and prints the run id and model folder."""
+    from models.config import model_config, train_config
+    from models.train import train
+
+    try:
+        res = train(dataset, model_config(backbone=backbone),
+                    train_config(steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, device=device),
+                    log_fn=console.print)
+    except IlrError as e:
+        _fail(e)
+    console.print(f"trained on {res.dataset.ref}: {res.steps} steps, " +
+                  " ".join(f"{k} {v:.4f}" for k, v in res.metrics.items()))
+    console.print(f"mlflow run {res.run_id}; model runs:/{res.run_id}/model ({res.model_dir})")
+
+
+@app.command("evaluate")
+def evaluate_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
+                 model: Optional[str] = typer.Option(None, help="model URI or folder; default: champion, else "
+                                                                 "the off-the-shelf ImageNet model"),
+                 rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="local-feature re-ranking"),
+                 max_side: Optional[int] = typer.Option(None, help="longest image side (px)"),
+                 device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")):
+    """Evaluate a model on a dataset with its protocol; prints per-protocol metrics and `mAP <value>`."""
+    from models.config import extract_config, rerank_config
+    from models.evaluate import evaluate
+
+    try:
+        ev = evaluate(dataset, model, rerank, extract_config(max_side_px=max_side, device=device), rerank_config(),
+                      log_fn=console.print)
+    except IlrError as e:
+        _fail(e)
+    s = ev.summary
+    for key in sorted(k for k in s if k.startswith(("global_", "rerank_", "gap"))):
+        console.print(f"{key:28s} {s[key]:.4f}" if isinstance(s[key], float) else f"{key:28s} {s[key]}")
+    console.print(f"model: {s['model']}; per-query CSV: {ev.csv_path}; mlflow run {ev.run_id}")
+    console.print(f"mAP {s['map']:.4f}")
+
+
 @app.command("demo")
 def demo(size: str = typer.Option(None, help="synthetic size (default: params.yaml demo.size)"),
          seed: int = typer.Option(None, help="generator seed (default: params.yaml demo.seed)")):

@@ -168,7 +168,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
                 scaler.update()
                 sched.step()
                 step += 1
-                mlflow.log_metrics({k: float(v) for k, v in losses.items()} | {"lr": sched.get_last_lr()[0]},
+                mlflow.log_metrics({k: float(v.detach()) for k, v in losses.items()} | {"lr": sched.get_last_lr()[0]},
                                    step=step)
                 if val_set is not None and (step % tcfg.val_every == 0 or step == tcfg.steps):
                     metrics = validate(model, val_set, train_eval, device)

@@ -1,0 +1,92 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from models.config import ExtractConfig, RerankConfig
+from models.delg import DELG
+from models.config import ModelConfig
+from models.extract import Extractor, bucket_size, pack_local, unpack_local
+from models.rerank import Reranker, mutual_matches, recognition_score, verify
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    torch.manual_seed(0)
+    model = DELG(ModelConfig(dim=64), load_pretrained=True)
+    return Extractor(model, ExtractConfig(max_side_px=160, batch_size=4, max_local_features=50, cpu_threads=1))
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    shapes = [(120, 160), (150, 100), (120, 160), (300, 400), (64, 64), (120, 160)]
+    return [cv2.resize(rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8), (w, h)) for h, w in shapes]
+
+
+def test_bucket_sizes():
+    assert bucket_size(400, 300, 160, 32) == (160, 128)
+    assert bucket_size(20, 10, 160, 32) == (32, 32)
+    w, h = bucket_size(1000, 333, 512, 32)
+    assert w == 512 and h % 32 == 0
+
+
+def test_batched_equals_per_image(extractor):
+    imgs = _images()
+    batched = extractor.extract(imgs)
+    for img, b in zip(imgs, batched):
+        s = extractor.extract_one(img)
+        assert np.abs(s.global_desc - b.global_desc).max() < 1e-4
+        assert np.abs(s.descriptors - b.descriptors).max() < 1e-4
+        assert np.allclose(s.keypoints, b.keypoints, atol=1e-3)
+
+
+def test_features_shapes_and_keypoints_in_original_pixels(extractor):
+    imgs = _images()
+    for img, f in zip(imgs, extractor.extract(imgs)):
+        h, w = img.shape[:2]
+        assert f.global_desc.shape == (64,) and abs(np.linalg.norm(f.global_desc) - 1) < 1e-4
+        assert 0 < len(f.keypoints) <= 50 and f.descriptors.shape[1] == 64
+        assert (f.keypoints[:, 0] <= w + 16).all() and (f.keypoints[:, 1] <= h + 16).all()
+        assert np.all(np.diff(f.scores) <= 1e-6), "keypoints sorted by attention"
+
+
+def test_compact_storage_is_a_quarter_and_close(extractor):
+    f = extractor.extract(_images()[:1])[0]
+    kp, desc = pack_local(f)
+    assert desc.dtype == np.int8 and kp.dtype == np.uint16
+    float32_bytes = f.descriptors.astype(np.float32).nbytes + 4 * 4 * len(f.keypoints)  # desc + x, y, scale, score
+    assert (kp.nbytes + desc.nbytes) <= float32_bytes / 4
+    _, back = unpack_local(kp, desc)
+    assert np.abs((back * f.descriptors).sum(1) - 1).max() < 5e-3
+
+
+def _scene(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    kp = rng.uniform(0, 400, (n, 2)).astype(np.float32)
+    desc = rng.normal(size=(n, 32)).astype(np.float32)
+    return kp, desc / np.linalg.norm(desc, axis=1, keepdims=True)
+
+
+def test_verify_finds_affine_inliers():
+    kp, desc = _scene()
+    A = np.array([[0.8, -0.2, 30], [0.25, 0.9, -10]], np.float32)
+    kp2 = kp @ A[:, :2].T + A[:, 2]
+    noisy = desc + np.random.default_rng(1).normal(scale=0.05, size=desc.shape).astype(np.float32)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    cfg = RerankConfig()
+    assert verify(kp, desc, kp2, noisy, cfg) > 250
+    other_kp, other_desc = _scene(seed=7)
+    assert verify(kp, desc, other_kp, other_desc, cfg) < 10  # chance agreement of random matches
+    assert len(mutual_matches(desc, noisy, 0.9)) > 250
+
+
+def test_rerank_orders_by_inliers_then_global_score():
+    kp, desc = _scene()
+    true = (kp * 1.1 + 5, desc)
+    junk1, junk2 = _scene(seed=3), _scene(seed=4)
+    r = Reranker(RerankConfig(workers=2)).rerank(kp, desc, [junk1, true, junk2], np.array([0.9, 0.5, 0.95]))
+    assert r.order[0] == 1 and r.inliers[1] > 100 and max(r.inliers[0], r.inliers[2]) < 10
+    expected = sorted(range(3), key=lambda i: (-r.inliers[i], -[0.9, 0.5, 0.95][i]))
+    assert list(r.order) == expected
+    assert r.scores[1] == pytest.approx(recognition_score(np.array([r.inliers[1]]), np.array([0.5]))[0])
+    assert recognition_score(np.array([200]), np.array([1.0]))[0] == pytest.approx(1.25)
