@@ -59,6 +59,7 @@ class ExtractConfig:
     bucket_px: int = 32                       # images are resized to sides that are multiples of this
     device: str = "auto"
     cpu_threads: int = 0                      # 0 = measure once and pick the faster of 1 or all cores
+    channels_last: bool = True                # NHWC tensors on CPU (faster oneDNN convolutions)
 
     def local_count(self, device: str) -> int:
         return self.max_local_features or (1000 if device.startswith("cuda") else 500)

@@ -33,7 +33,7 @@ class ImageSet(torch.utils.data.Dataset):
     def __init__(self, folder: Path, rows: pd.DataFrame, labels: np.ndarray, size: int, train: bool,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_scale_min: float = 0.35, color_jitter: float = 0.2,
                  workers: int = 2):
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.labels = torch.tensor(np.asarray(labels, dtype=np.int64))
         paths = [Path(folder) / p for p in rows["path"]]
         with ThreadPoolExecutor(max(1, workers)) as pool:
             self.images = list(pool.map(lambda p: _load_small(p, int(size * 1.15)), paths))

@@ -91,8 +91,10 @@ class Extractor:
         self.cfg = cfg or ExtractConfig()
         self.device = resolve_device(device or self.cfg.device)
         self.model = model.eval().to(self.device)
-        if self.device == "cpu":
+        self.channels_last = self.device == "cpu" and self.cfg.channels_last
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device == "cpu":
             threads = self.cfg.cpu_threads or best_cpu_threads(os.cpu_count() or 1)
             torch.set_num_threads(threads)
         self.max_local = self.cfg.local_count(self.device)
@@ -117,7 +119,7 @@ class Extractor:
     @torch.inference_mode()
     def _run(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[Features]:
         """batch: [B x H x W x 3] uint8, all the same bucket size."""
-        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
         x = (x - self.mean) / self.std
         B, _, H, W = x.shape
         g_sum = 0
@@ -126,7 +128,7 @@ class Extractor:
         for s in self.local_scales:
             xs = x if s == 1.0 else F.interpolate(x, size=(max(stride, round(H * s)), max(stride, round(W * s))),
                                                   mode="bilinear", align_corners=False, antialias=s < 1)
-            if self.device == "cpu":
+            if self.channels_last:
                 xs = xs.contiguous(memory_format=torch.channels_last)
             local_map, global_map = self.model.features(xs)
             if s in self.global_scales:
@@ -153,7 +155,7 @@ class Extractor:
         out = []
         for b, (ow, oh) in enumerate(sizes):
             keep = top[b] >= self.cfg.attention_threshold
-            kp = sel_loc[b][keep] * np.array([ow / W, oh / H], np.float32)
+            kp = np.clip(sel_loc[b][keep] * np.array([ow / W, oh / H], np.float32), 0, [ow - 1, oh - 1])
             out.append(Features(g[b], kp.astype(np.float32), sel_desc[b][keep], top[b][keep], sel_scl[b][keep],
                                 (ow, oh)))
         return out

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import torch
 
 from models.config import RerankConfig
 
@@ -44,21 +45,52 @@ def mutual_matches(q: np.ndarray, d: np.ndarray, max_distance: float) -> np.ndar
 def verify(q_kp: np.ndarray, q_desc: np.ndarray, c_kp: np.ndarray, c_desc: np.ndarray,
            cfg: RerankConfig) -> int:
     """Number of RANSAC inliers of an affine model between two images' local features."""
-    m = mutual_matches(q_desc, c_desc, cfg.max_distance)
-    if len(m) < max(3, cfg.min_inliers):
-        return 0
-    src = q_kp[m[:, 0]].astype(np.float32)
-    dst = c_kp[m[:, 1]].astype(np.float32)
-    _, mask = cv2.estimateAffine2D(src, dst, method=_METHODS[cfg.ransac],
-                                   ransacReprojThreshold=cfg.ransac_threshold_px, maxIters=cfg.ransac_iters,
-                                   confidence=0.999)
-    n = int(mask.sum()) if mask is not None else 0
-    return n if n >= cfg.min_inliers else 0
+    return _ransac(q_kp, c_kp, mutual_matches(q_desc, c_desc, cfg.max_distance), cfg)
 
 
 def recognition_score(inliers: np.ndarray, cosine: np.ndarray) -> np.ndarray:
     """DELG's GLDv2 score: min(70, inliers) / 70 + 0.25 * cosine."""
     return np.minimum(70, inliers) / 70.0 + 0.25 * cosine
+
+
+def mutual_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray], max_distance: float,
+                        chunk: int = 25) -> list[np.ndarray]:
+    """mutual_matches() of one query against many candidates, with one batched matrix product per chunk.
+
+    q: [N x d]; candidates[c]: [M_c x d] -> list of [P_c x 2] index pairs."""
+    out: list[np.ndarray] = []
+    qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    min_sim = 1.0 - max_distance ** 2 / 2
+    for start in range(0, len(candidates), chunk):
+        group = candidates[start:start + chunk]
+        sizes = [len(c) for c in group]
+        m = max(sizes + [1])
+        padded = torch.zeros(len(group), m, q.shape[1])
+        for i, c in enumerate(group):
+            if len(c):
+                padded[i, :len(c)] = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+        sim = torch.matmul(qt, padded.transpose(1, 2))                      # [C x N x M]
+        valid = torch.arange(m)[None, :] < torch.tensor(sizes)[:, None]     # [C x M]
+        sim.masked_fill_(~valid[:, None, :], -2.0)
+        best, nn12 = sim.max(dim=2)                                          # [C x N]
+        nn21 = sim.argmax(dim=1)                                             # [C x M]
+        back = nn21.gather(1, nn12)                                          # [C x N]
+        keep = (back == torch.arange(len(q))[None, :]) & (best >= min_sim)
+        for i in range(len(group)):
+            idx = torch.nonzero(keep[i]).squeeze(1)
+            out.append(torch.stack([idx, nn12[i, idx]], dim=1).numpy() if len(q) and sizes[i] else
+                       np.zeros((0, 2), np.int64))
+    return out
+
+
+def _ransac(q_kp: np.ndarray, c_kp: np.ndarray, m: np.ndarray, cfg: RerankConfig) -> int:
+    if len(m) < max(3, cfg.min_inliers):
+        return 0
+    _, mask = cv2.estimateAffine2D(q_kp[m[:, 0]].astype(np.float32), c_kp[m[:, 1]].astype(np.float32),
+                                   method=_METHODS[cfg.ransac], ransacReprojThreshold=cfg.ransac_threshold_px,
+                                   maxIters=cfg.ransac_iters, confidence=0.999)
+    n = int(mask.sum()) if mask is not None else 0
+    return n if n >= cfg.min_inliers else 0
 
 
 class Reranker:
@@ -67,8 +99,12 @@ class Reranker:
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.workers))
 
     def inliers(self, q_kp, q_desc, candidates: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Inliers of the query against each (keypoints, descriptors) candidate, verified in parallel."""
-        jobs = self._pool.map(lambda c: verify(q_kp, q_desc, c[0], c[1], self.cfg), candidates)
+        """Inliers of the query against each (keypoints, descriptors) candidate: batched matching, then
+        RANSAC for the candidates in parallel."""
+        if len(candidates) == 0:
+            return np.zeros(0, np.int64)
+        matches = mutual_matches_many(q_desc, [c[1] for c in candidates], self.cfg.max_distance)
+        jobs = self._pool.map(lambda cm: _ransac(q_kp, cm[0][0], cm[1], self.cfg), zip(candidates, matches))
         return np.fromiter(jobs, dtype=np.int64, count=len(candidates))
 
     def rerank(self, q_kp, q_desc, candidates, global_scores: np.ndarray) -> Reranked:

@@ -90,3 +90,15 @@ def test_rerank_orders_by_inliers_then_global_score():
     assert list(r.order) == expected
     assert r.scores[1] == pytest.approx(recognition_score(np.array([r.inliers[1]]), np.array([0.5]))[0])
     assert recognition_score(np.array([200]), np.array([1.0]))[0] == pytest.approx(1.25)
+
+
+def test_batched_matching_equals_pairwise():
+    from models.rerank import mutual_matches_many
+
+    q = _scene(200, 1)[1]
+    cands = [_scene(n, s)[1] for n, s in ((150, 2), (0, 3), (300, 4), (120, 5))]
+    cands[2][:50] = q[:50]  # some true matches
+    many = mutual_matches_many(q, cands, 0.9, chunk=3)
+    for c, m in zip(cands, many):
+        assert np.array_equal(np.asarray(m), mutual_matches(q, c, 0.9))
+    assert len(many[2]) >= 50
