@@ -140,7 +140,7 @@ def train_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
         _fail(e)
     console.print(f"trained on {res.dataset.ref}: {res.steps} steps, " +
                   " ".join(f"{k} {v:.4f}" for k, v in res.metrics.items()))
-    console.print(f"mlflow run {res.run_id}; model runs:/{res.run_id}/model ({res.model_dir})")
+    console.print(f"mlflow run {res.run_id}; model {res.model_uri} ({res.model_dir})")
 
 
 @app.command("evaluate")
@@ -164,6 +164,93 @@ def evaluate_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
         console.print(f"{key:28s} {s[key]:.4f}" if isinstance(s[key], float) else f"{key:28s} {s[key]}")
     console.print(f"model: {s['model']}; per-query CSV: {ev.csv_path}; mlflow run {ev.run_id}")
     console.print(f"mAP {s['map']:.4f}")
+
+
+model_app = typer.Typer(no_args_is_help=True, help="The model registry: list, gate, promote, rollback.")
+app.add_typer(model_app, name="model")
+
+
+@app.command("tune")
+def tune_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
+             trials: Optional[int] = typer.Option(None, help="number of trials (default: params.yaml tune.trials)"),
+             steps: Optional[int] = typer.Option(None, help="training steps per trial"),
+             cpus_per_trial: Optional[float] = typer.Option(None), gpus_per_trial: Optional[float] = typer.Option(None),
+             register: bool = typer.Option(True, "--register/--no-register", help="register the best as challenger"),
+             fresh: bool = typer.Option(False, help="start over instead of resuming an interrupted search")):
+    """Ray Tune search (ASHA) over DELG hyper-parameters; registers the best model as `challenger`."""
+    from models.tune import tune_config, tune_delg
+
+    try:
+        res = tune_delg(dataset, tune_config(trials=trials, steps=steps, cpus_per_trial=cpus_per_trial,
+                                             gpus_per_trial=gpus_per_trial), register=register, resume=not fresh,
+                        log_fn=console.print)
+    except IlrError as e:
+        _fail(e)
+    console.print(f"tune run {res.parent_run_id}: {res.trials} trials, {res.stopped_early} stopped early; "
+                  f"best val_map {res.best_metrics['val_map']:.4f}; challenger v{res.model_version}")
+
+
+@model_app.command("list")
+def model_list():
+    """Registered versions with their aliases, key metrics and data version."""
+    from models.registry import model_name, versions
+
+    rows = versions()
+    if not rows:
+        err.print(f"no registered versions of {model_name()}")
+        raise typer.Exit(1)
+    t = Table(title=f"registered model {model_name()}")
+    for col in ("version", "aliases", "eval map", "global", "rerank", "dataset", "dvc md5", "kind", "gate", "created"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["version"], r["aliases"], r["eval.map"], r["eval.global_map"], r["eval.rerank_map"], r["dataset"],
+                  r["dataset_dvc_md5"][:12], r["kind"], r["gate"], r["created"])
+    console.print(t)
+
+
+@model_app.command("gate")
+def model_gate(dataset: str = typer.Option(..., help="gating dataset NAME[@VERSION]"),
+               margin: Optional[float] = typer.Option(None, help="required improvement (default: params.yaml "
+                                                                  "gate.margin)"),
+               rerank: bool = typer.Option(True, "--rerank/--no-rerank")):
+    """Evaluate challenger vs champion on the gating set; promote the challenger only if it wins by `margin`."""
+    from models.config import extract_config
+    from models.registry import gate
+
+    margin = margin if margin is not None else float(params("gate").get("margin", 0.0))
+    try:
+        d = gate(dataset, margin, rerank=rerank, ecfg=extract_config(), log_fn=console.print)
+    except IlrError as e:
+        _fail(e)
+    console.print(f"{'PROMOTED' if d.promoted else 'REFUSED'} v{d.challenger} "
+                  f"(challenger {d.challenger_score:.4f} vs champion {d.champion_score:.4f}, margin {d.margin}); "
+                  f"mlflow run {d.run_id}")
+
+
+@model_app.command("promote")
+def model_promote(version: str):
+    """Make VERSION the champion (the current champion becomes `previous`)."""
+    from models.registry import promote
+
+    try:
+        r = promote(version, "manual promotion (ilr model promote)")
+    except IlrError as e:
+        _fail(e)
+    except Exception as e:  # unknown version from MLflow
+        _fail(IlrError(f"cannot promote version {version}: {e}"))
+    console.print(f"champion v{r['champion']} (previous v{r['previous']})")
+
+
+@model_app.command("rollback")
+def model_rollback():
+    """Give `champion` back to the previous champion."""
+    from models.registry import rollback
+
+    try:
+        r = rollback()
+    except IlrError as e:
+        _fail(e)
+    console.print(f"rolled back: champion v{r['champion']} (previous v{r['previous']})")
 
 
 @app.command("demo")

@@ -44,11 +44,27 @@ def off_the_shelf(cfg: ModelConfig | None = None) -> DELG:
 REGISTERED_MODEL = "ilr-delg"
 
 
-def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
-    """A model and a description of where it came from.
+def download(uri: str) -> Path:
+    """Fetch an MLflow model or artifact URI (runs:/, models:/, ...) and return the folder holding our
+    weights + config inside it."""
+    import mlflow
 
-    None -> the registered champion (`models:/ilr-delg@champion`) if there is one, else the off-the-shelf
-    ImageNet model; a folder path; or an MLflow URI (runs:/..., models:/...), downloaded first."""
+    from models import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(uri))
+    except Exception as e:
+        raise IlrError(f"cannot fetch model {uri!r}: {e}") from None
+    found = sorted(root.rglob(CONFIG))
+    if not found:
+        raise IlrError(f"model {uri!r} holds no {CONFIG}")
+    return found[0].parent
+
+
+def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
+    """A model and where it came from. None -> the registered champion (`models:/ilr-delg@champion`) if
+    there is one, else the off-the-shelf ImageNet model; "off-the-shelf"; a folder; or an MLflow URI."""
     import os
 
     if model_uri is None:
@@ -57,26 +73,15 @@ def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
             from mlflow import MlflowClient
 
             from models import tracking
-
             import mlflow
+
             mlflow.set_tracking_uri(tracking.tracking_uri())
             MlflowClient().get_model_version_by_alias(name, "champion")
             model_uri = f"models:/{name}@champion"
         except Exception:
             return off_the_shelf().to(device), "off-the-shelf"
-    if Path(model_uri).exists():
-        return load(Path(model_uri), device), str(model_uri)
     if model_uri == "off-the-shelf":
         return off_the_shelf().to(device), "off-the-shelf"
-    import mlflow
-
-    from models import tracking
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    try:
-        local = mlflow.artifacts.download_artifacts(model_uri)
-    except Exception as e:
-        raise IlrError(f"cannot fetch model {model_uri!r}: {e}") from None
-    folder = Path(local)
-    if not (folder / CONFIG).exists() and (folder / "model" / CONFIG).exists():
-        folder = folder / "model"
-    return load(folder, device), model_uri
+    if Path(model_uri).exists():
+        return load(Path(model_uri), device), str(model_uri)
+    return load(download(model_uri), device), model_uri

@@ -14,8 +14,12 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def _default_uri() -> str:
+    return f"sqlite:///{ilr_home() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ilr_home() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
 
 
 def setup(experiment: str) -> str:
@@ -24,11 +28,14 @@ def setup(experiment: str) -> str:
     Returns the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # note: this also exports MLFLOW_TRACKING_URI to child processes
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        exp_id = mlflow.create_experiment(experiment, artifact_location=(ilr_home() / "mlartifacts" / experiment)
-                                          .as_uri() if "MLFLOW_TRACKING_URI" not in os.environ else None)
+        # with our embedded SQLite store, artifacts live under $ILR_HOME too (a server decides for itself)
+        local = uri == _default_uri()
+        exp_id = mlflow.create_experiment(
+            experiment, artifact_location=(ilr_home() / "mlartifacts" / experiment).as_uri() if local else None)
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)

@@ -25,7 +25,7 @@ from data import manifest
 from data.config import NO_LABEL, ilr_home
 from data.errors import IlrError
 from data.versioning import Version, dataset_dir
-from models import artifacts, tracking
+from models import registry, tracking
 from models.config import ModelConfig, TrainConfig, resolve_device
 from models.dataset import ImageSet
 from models.delg import DELG
@@ -41,6 +41,7 @@ class TrainResult:
     metrics: dict
     steps: int
     dataset: Version
+    model_uri: str = ""      # the logged MLflow model (register it with models.registry.register)
 
 
 def seed_everything(seed: int) -> None:
@@ -186,9 +187,8 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
                     report({**metrics, "step": step, "checkpoint_dir": str(ckpt_dir)})
                 if step >= tcfg.steps:
                     break
-        model_dir = artifacts.save(model.cpu(), ckpt_dir / "model",
-                                   {"dataset": version.ref, "dataset_dvc_md5": version.dvc_md5,
-                                    "classes": len(classes)})
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        info = registry.log_model(model.cpu(), ckpt_dir / "model",
+                                  {"dataset": version.ref, "dataset_dvc_md5": version.dvc_md5,
+                                   "classes": len(classes)})
         mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items()})
-    return TrainResult(run_id, model_dir, metrics, step, version)
+    return TrainResult(run_id, ckpt_dir / "model", metrics, step, version, info.model_uri)

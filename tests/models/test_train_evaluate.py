@@ -41,11 +41,11 @@ def test_train_logs_to_mlflow_and_resumes(workspace, tiny_synthetic, tmp_path):
     assert run.data.params["train.steps"] == "4" and "val_map" in run.data.metrics
     history = MlflowClient().get_metric_history(res.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4], "one run across the interruption"
-    files = {a.path for a in MlflowClient().list_artifacts(res.run_id, "model")}
-    assert {"model/weights.pt", "model/config.json"} <= files
+    from models.registry import model_dir
+    assert {"weights.pt", "config.json"} <= {p.name for p in model_dir(res.model_uri).iterdir()}
 
     # evaluate the trained model from its MLflow URI, through the CLI
-    out = CliRunner().invoke(app, ["evaluate", "--dataset", "tiny", "--model", f"runs:/{res.run_id}/model",
+    out = CliRunner().invoke(app, ["evaluate", "--dataset", "tiny", "--model", res.model_uri,
                                    "--max-side", "128"])
     assert out.exit_code == 0, out.output
     assert out.output.strip().splitlines()[-1].startswith("mAP ")

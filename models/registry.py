@@ -1,0 +1,223 @@
+"""The model registry on MLflow aliases: challenger -> (quality gate) -> champion, previous, rollback.
+
+Stages are deprecated in MLflow; aliases are used instead. On the SQL store `search_model_versions()`
+returns empty `aliases`, so aliases are read with `get_model_version_by_alias()`. Every decision is
+recorded as tags on the model version it concerns.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import IlrError
+from models import artifacts, tracking
+from models.delg import DELG
+
+ALIASES = ("champion", "challenger", "previous")
+METRIC_TAGS = ("eval.map", "eval.global_map", "eval.rerank_map")
+
+
+def model_name() -> str:
+    return os.environ.get("ILR_MODEL_NAME", artifacts.REGISTERED_MODEL)
+
+
+def client():
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    return MlflowClient()
+
+
+def log_model(model: DELG, folder: Path, extra: dict | None = None):
+    """Log a DELG model in the active run: weights + config (our format) inside an MLflow pyfunc model
+    (models-from-code, with a signature). Returns MLflow's ModelInfo."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    folder = artifacts.save(model, folder, extra)
+    dim = model.cfg.dim if not model.off_the_shelf else model.whiten.in_features
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))
+    return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                                   artifacts={"delg": str(folder)}, signature=signature,
+                                   pip_requirements=["torch", "timm", "numpy", "pandas", "pillow", "opencv-python-headless"])
+
+
+def register(model_uri: str, tags: dict | None = None, alias: str | None = "challenger") -> str:
+    """Register a logged model under the model name; tag it and set `alias`. Returns the version."""
+    import mlflow
+
+    c = client()
+    mv = mlflow.register_model(model_uri, model_name())
+    for k, v in (tags or {}).items():
+        c.set_model_version_tag(model_name(), mv.version, k, str(v))
+    if alias:
+        c.set_registered_model_alias(model_name(), alias, mv.version)
+    return str(mv.version)
+
+
+def alias_version(alias: str) -> str | None:
+    try:
+        return str(client().get_model_version_by_alias(model_name(), alias).version)
+    except Exception:
+        return None
+
+
+def aliases() -> dict[str, str]:
+    """{alias: version} for the aliases ilr uses."""
+    return {a: v for a in ALIASES if (v := alias_version(a))}
+
+
+def model_dir(uri: str) -> Path:
+    client()
+    return artifacts.download(uri)
+
+
+def load(alias_or_version: str = "champion", device: str = "cpu") -> tuple[DELG, str]:
+    ref = f"models:/{model_name()}@{alias_or_version}" if not alias_or_version.isdigit() \
+        else f"models:/{model_name()}/{alias_or_version}"
+    return artifacts.load(model_dir(ref), device), ref
+
+
+def _tag(version: str, tags: dict) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(model_name(), version, k, str(v))
+
+
+def promote(version: str, reason: str = "manual promotion") -> dict:
+    """Make `version` the champion; the champion it replaces becomes `previous`."""
+    c = client()
+    current = alias_version("champion")
+    c.get_model_version(model_name(), version)  # raises for an unknown version
+    if current == str(version):
+        return {"champion": current, "previous": alias_version("previous"), "changed": False}
+    if current:
+        c.set_registered_model_alias(model_name(), "previous", current)
+    c.set_registered_model_alias(model_name(), "champion", str(version))
+    if alias_version("challenger") == str(version):
+        c.delete_registered_model_alias(model_name(), "challenger")
+    _tag(str(version), {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "promotion.reason": reason,
+                        "promotion.replaced": current or ""})
+    return {"champion": str(version), "previous": current, "changed": True}
+
+
+def rollback() -> dict:
+    """Swap champion and previous: the previous champion serves again (run it twice to undo)."""
+    c = client()
+    current, previous = alias_version("champion"), alias_version("previous")
+    if not previous:
+        raise IlrError("no previous champion to roll back to")
+    c.set_registered_model_alias(model_name(), "champion", previous)
+    if current:
+        c.set_registered_model_alias(model_name(), "previous", current)
+        _tag(current, {"rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return {"champion": previous, "previous": current}
+
+
+def versions() -> list[dict]:
+    """One row per version: version, aliases, key metrics, data version, run, created."""
+    c = client()
+    try:
+        found = c.search_model_versions(f"name='{model_name()}'")
+    except Exception:
+        return []
+    by_version: dict[str, list[str]] = {}
+    for a, v in aliases().items():
+        by_version.setdefault(v, []).append(a)
+    rows = []
+    for mv in sorted(found, key=lambda m: int(m.version)):
+        t = mv.tags or {}
+        rows.append({"version": str(mv.version), "aliases": ",".join(by_version.get(str(mv.version), [])),
+                     **{k: t.get(k, "") for k in METRIC_TAGS}, "dataset": t.get("dataset", ""),
+                     "dataset_dvc_md5": t.get("dataset.dvc_md5", ""), "kind": t.get("kind", ""),
+                     "gate": t.get("gate.decision", ""), "run_id": mv.run_id or "",
+                     "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000))})
+    return rows
+
+
+def ensure_champion(log_fn=print) -> str:
+    """There is always a model to serve: register the off-the-shelf ImageNet model as the first champion."""
+    import mlflow
+
+    if v := alias_version("champion"):
+        return v
+    tracking.setup("ilr-registry")
+    with mlflow.start_run(run_name="off-the-shelf baseline") as run:
+        model = artifacts.off_the_shelf()
+        info = log_model(model, Path(tracking.ilr_home()) / "models" / "off-the-shelf",
+                         {"kind": "off-the-shelf"})
+        mlflow.set_tags({"ilr.kind": "baseline", "git_sha": tracking.git_sha()})
+    version = register(info.model_uri, {"kind": "off-the-shelf", "backbone": model.cfg.backbone,
+                                        "run_id": run.info.run_id, "git_sha": tracking.git_sha()}, alias=None)
+    promote(version, "first champion: off-the-shelf ImageNet backbone with GeM")
+    log_fn(f"registered the off-the-shelf model as {model_name()} v{version} (champion)")
+    return version
+
+
+@dataclass
+class GateDecision:
+    promoted: bool
+    challenger: str
+    champion: str | None
+    challenger_score: float
+    champion_score: float
+    margin: float
+    reason: str
+    run_id: str
+
+
+def gate(dataset: str, margin: float = 0.0, metric: str = "map", rerank: bool = True, ecfg=None,
+         log_fn=print) -> GateDecision:
+    """Evaluate challenger and champion on `dataset` in one MLflow run; move `champion` only when the
+    challenger wins by more than `margin`. The decision, both scores and the reason are version tags."""
+    import mlflow
+
+    from models.evaluate import evaluate
+
+    challenger = alias_version("challenger")
+    if not challenger:
+        raise IlrError("no model has the alias 'challenger'; register one first")
+    champion = alias_version("champion")
+    tracking.setup("ilr-gate")
+    with mlflow.start_run(run_name=f"gate v{challenger} vs v{champion} on {dataset}") as run:
+        scores = {}
+        for role, version in (("challenger", challenger), ("champion", champion)):
+            if version is None:
+                scores[role] = float("-inf")
+                continue
+            model, ref = load(version)
+            ev = evaluate(dataset, rerank=rerank, ecfg=ecfg, model=model, model_name=ref, log_mlflow=False,
+                          log_fn=log_fn)
+            scores[role] = float(ev.summary[metric])
+            mlflow.log_metrics({f"{role}_{k}": float(v) for k, v in ev.summary.items()
+                                if isinstance(v, float) and np.isfinite(v)})
+            _tag(version, {f"eval.{k}": f"{v:.4f}" for k, v in ev.summary.items()
+                           if k in ("map", "global_map", "rerank_map") and isinstance(v, float)})
+        win = scores["challenger"] > scores["champion"] + margin
+        if champion is None:
+            reason = "no champion yet"
+        elif win:
+            reason = (f"challenger {metric} {scores['challenger']:.4f} beats champion {scores['champion']:.4f} "
+                      f"by more than {margin}")
+        else:
+            reason = (f"challenger {metric} {scores['challenger']:.4f} does not beat champion "
+                      f"{scores['champion']:.4f} by more than {margin}")
+        decision = "promoted" if win else "rejected"
+        mlflow.set_tags({"gate.decision": decision, "gate.reason": reason, "gate.dataset": dataset,
+                         "gate.challenger": challenger, "gate.champion": champion or "", "ilr.kind": "gate"})
+        _tag(challenger, {"gate.decision": decision, "gate.reason": reason, "gate.dataset": dataset,
+                          "gate.challenger_score": f"{scores['challenger']:.4f}",
+                          "gate.champion_score": f"{scores['champion']:.4f}", "gate.champion": champion or "",
+                          "gate.run_id": run.info.run_id})
+    if win:
+        promote(challenger, reason)
+    log_fn(f"gate: {decision} v{challenger}: {reason}")
+    return GateDecision(win, challenger, champion, scores["challenger"], scores["champion"], margin, reason,
+                        run.info.run_id)

@@ -1,0 +1,186 @@
+"""Hyper-parameter search for DELG with Ray Tune: ASHA early stopping on val_map, one MLflow run per trial
+(children of one tune run), trial checkpoints so that an interrupted search resumes, and registration of the
+best trial's model as `challenger`.
+
+Resources per trial come from params.yaml (`tune.cpus_per_trial`, fractional by default;
+`tune.gpus_per_trial`, used when the cluster has GPUs). RAY_ADDRESS points at an existing Ray cluster.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from data.config import from_params, ilr_home
+from data.versioning import dataset_dir
+from models import registry, tracking
+from models.config import ModelConfig, TrainConfig, model_config, train_config
+
+MODEL_KEYS = ("arcface_margin", "arcface_scale", "dim", "gem_p", "attention_loss_weight",
+              "reconstruction_loss_weight")
+TRAIN_KEYS = ("lr", "image_size")
+
+
+@dataclass
+class TuneConfig:
+    trials: int = 4
+    steps: int = 0                           # per trial; 0 = train.steps
+    val_every: int = 0                       # 0 = train.val_every
+    cpus_per_trial: float = 0.5
+    gpus_per_trial: float = 0.0              # > 0 only takes effect where the cluster has GPUs
+    grace_period: int = 1                    # ASHA: validations before a trial can be stopped
+    reduction_factor: int = 2
+    seed: int = 0
+    space: dict = field(default_factory=lambda: {
+        "lr": ["loguniform", 0.003, 0.05],
+        "arcface_margin": ["uniform", 0.05, 0.3],
+        "arcface_scale": ["choice", [0.0, 16.0, 32.0]],
+        "dim": ["choice", [256, 512]],
+        "image_size": ["choice", [160, 224]],
+        "gem_p": ["uniform", 2.0, 4.0],
+        "attention_loss_weight": ["uniform", 0.5, 2.0],
+        "reconstruction_loss_weight": ["choice", [1.0, 10.0]],
+    })
+
+
+def tune_config(**kw) -> TuneConfig:
+    return from_params(TuneConfig, "tune", **kw)
+
+
+def _space(spec: dict):
+    from ray import tune
+
+    kinds = {"uniform": tune.uniform, "loguniform": tune.loguniform, "choice": tune.choice,
+             "randint": tune.randint}
+    return {k: kinds[v[0]](*v[1:]) for k, v in spec.items()}
+
+
+def _trainable(config: dict) -> None:
+    """One trial: train with the sampled values, reporting every validation with a checkpoint."""
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    from models.train import train
+
+    base = config["_base"]
+    mcfg = replace(ModelConfig(**base["model"]), **{k: config[k] for k in MODEL_KEYS if k in config})
+    tcfg = replace(TrainConfig(**base["train"]), **{k: config[k] for k in TRAIN_KEYS if k in config})
+    gpus = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0))
+    tcfg = replace(tcfg, device="cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, int(base["cpus_per_trial"])))
+    trial_id = tune.get_context().get_trial_id()
+    ckpt_dir = Path(tempfile.gettempdir()) / "ilr-trials" / base["key"] / trial_id
+    restored = tune.get_checkpoint()
+    if restored is not None:  # resuming an interrupted search: start from the trial's last checkpoint
+        with restored.as_directory() as d:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(d) / "checkpoint.pt", ckpt_dir / "checkpoint.pt")
+
+    def report(metrics: dict) -> None:
+        payload = {k: v for k, v in metrics.items() if k != "checkpoint_dir"}
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(Path(metrics["checkpoint_dir"]) / "checkpoint.pt", Path(tmp) / "checkpoint.pt")
+            tune.report(payload, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    res = train(base["dataset"], mcfg, tcfg, checkpoint_dir=ckpt_dir, report=report, log_fn=lambda *_: None,
+                parent_run_id=base["parent_run_id"], run_name=f"trial {trial_id}")
+    tune.report({**res.metrics, "step": res.steps, "model_uri": res.model_uri, "run_id": res.run_id,
+                 "done": 1})
+
+
+@dataclass
+class TuneResult:
+    best_config: dict
+    best_metrics: dict
+    model_version: str | None
+    parent_run_id: str
+    trials: int
+    stopped_early: int
+    results_path: str
+
+
+def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | None = None,
+              tcfg: TrainConfig | None = None, register: bool = True, log_fn: Callable[[str], None] = print,
+              resume: bool = True) -> TuneResult:
+    """Run (or resume) a search on NAME[@VERSION] and register the best model as `challenger`."""
+    import mlflow
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg, mcfg, tcfg = cfg or tune_config(), mcfg or model_config(), tcfg or train_config()
+    tcfg = replace(tcfg, steps=cfg.steps or tcfg.steps, val_every=cfg.val_every or tcfg.val_every,
+                   checkpoint_every=cfg.val_every or tcfg.val_every, workers=1)
+    version, _ = dataset_dir(dataset)  # resolve and check out once, in the driver
+    ref = version.ref
+    key = hashlib.sha1(json.dumps([version.dvc_md5, asdict(cfg), asdict(mcfg), asdict(tcfg)], sort_keys=True,
+                                  default=str).encode()).hexdigest()[:12]
+    name = f"tune-{version.name}-{version.version}-{key}"
+    storage = ilr_home() / "ray_results"
+    exp_id = tracking.setup(tcfg.experiment)  # created once here: trials only look it up
+    os.environ["ILR_HOME"] = str(ilr_home())
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
+                 include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in ("ILR_HOME", "ILR_REPO", "ILR_PARAMS",
+                                                                       "MLFLOW_TRACKING_URI", "ILR_MODEL_NAME")
+                                           if k in os.environ}})
+    gpus = cfg.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    state_file = storage / name / "ilr_parent_run.txt"
+    parent_run_id = state_file.read_text().strip() if resume and state_file.exists() else None
+    with mlflow.start_run(run_id=parent_run_id, experiment_id=None if parent_run_id else exp_id,
+                          run_name=None if parent_run_id else f"tune {ref}") as parent:
+        parent_run_id = parent.info.run_id
+        (storage / name).mkdir(parents=True, exist_ok=True)
+        state_file.write_text(parent_run_id)
+        mlflow.set_tags({"ilr.kind": "tune", "dataset": version.name, "dataset.version": version.version,
+                         "dataset.dvc_md5": version.dvc_md5, "git_sha": tracking.git_sha()})
+        mlflow.log_params({"trials": cfg.trials, "steps": tcfg.steps, "cpus_per_trial": cfg.cpus_per_trial,
+                           "gpus_per_trial": gpus})
+        base = {"dataset": ref, "model": asdict(mcfg), "train": asdict(tcfg), "parent_run_id": parent_run_id,
+                "cpus_per_trial": cfg.cpus_per_trial, "key": key}
+        trainable = tune.with_resources(_trainable, {"cpu": cfg.cpus_per_trial, "gpu": gpus})
+        path = str(storage / name)
+        reports = max(1, tcfg.steps // tcfg.val_every) + 1  # validations + the final report
+        if resume and tune.Tuner.can_restore(path):
+            log_fn(f"resuming the search from {path}")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space={**_space(cfg.space), "_base": base})
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space={**_space(cfg.space), "_base": base},
+                tune_config=tune.TuneConfig(
+                    metric="val_map", mode="max", num_samples=cfg.trials,
+                    scheduler=ASHAScheduler(max_t=reports, grace_period=cfg.grace_period,
+                                            reduction_factor=cfg.reduction_factor),
+                    search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed)),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        grid = tuner.fit()
+        finished = [r for r in grid if r.metrics and r.metrics.get("done")]
+        stopped = sum(1 for r in grid if r.metrics and not r.metrics.get("done") and r.error is None)
+        errors = [r.error for r in grid if r.error is not None]
+        if not finished:
+            raise RuntimeError(f"no trial finished ({len(errors)} failed): {errors[:1]}")
+        best = max(finished, key=lambda r: r.metrics["val_map"])
+        best_cfg = {k: v for k, v in best.config.items() if k != "_base"}
+        mlflow.log_params({f"best.{k}": v for k, v in best_cfg.items()})
+        mlflow.log_metrics({"best_val_map": best.metrics["val_map"], "trials_stopped_early": stopped,
+                            "trials_finished": len(finished)})
+        log_fn(f"{len(finished)} trial(s) finished, {stopped} stopped early by ASHA; best val_map "
+               f"{best.metrics['val_map']:.4f} with {best_cfg}")
+    model_version = None
+    if register:
+        model_version = registry.register(best.metrics["model_uri"], {
+            "dataset": version.name, "dataset.version": version.version, "dataset.dvc_md5": version.dvc_md5,
+            "git_sha": tracking.git_sha(), "tune_run_id": parent_run_id, "train_run_id": best.metrics["run_id"],
+            "val_map": f"{best.metrics['val_map']:.4f}", "kind": "tuned", "params": json.dumps(best_cfg)})
+        log_fn(f"registered {registry.model_name()} v{model_version} as challenger")
+    return TuneResult(best_cfg, dict(best.metrics), model_version, parent_run_id, len(grid), stopped, path)

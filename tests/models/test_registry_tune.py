@@ -1,0 +1,86 @@
+"""Registry lifecycle on a real SQLite MLflow, and a Ray Tune search on a real local Ray."""
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from data.versioning import ingest
+from flows.cli import app
+from models import registry, tracking
+from models.config import ExtractConfig, ModelConfig, TrainConfig
+from models.delg import DELG
+
+pytestmark = pytest.mark.integration
+ECFG = ExtractConfig(max_side_px=160, max_local_features=200)
+
+
+def _register(model, tags):
+    tracking.setup("tests")
+    with mlflow.start_run():
+        info = registry.log_model(model, registry.tracking.ilr_home() / "m" / str(time.time_ns()))
+    return registry.register(info.model_uri, tags)
+
+
+def test_gate_promote_rollback(workspace, tiny_synthetic):
+    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+    first = registry.ensure_champion(log_fn=lambda *_: None)
+    assert registry.aliases() == {"champion": first}
+    assert registry.ensure_champion() == first  # idempotent
+
+    torch.manual_seed(0)
+    worse = DELG(ModelConfig(dim=64), load_pretrained=False)  # random weights: a deliberately worse model
+    bad = _register(worse, {"kind": "random"})
+    assert registry.aliases()["challenger"] == bad
+    d = registry.gate("tiny", margin=0.0, ecfg=ECFG, log_fn=lambda *_: None)
+    assert not d.promoted and d.challenger_score < d.champion_score
+    assert registry.aliases()["champion"] == first
+    tags = MlflowClient().get_model_version(registry.model_name(), bad).tags
+    assert tags["gate.decision"] == "rejected" and "does not beat" in tags["gate.reason"]
+    assert float(tags["gate.champion_score"]) == pytest.approx(d.champion_score, abs=1e-4)
+
+    # the same off-the-shelf weights with a tiny margin requirement of -1 always "win": a better challenger
+    from models.artifacts import off_the_shelf
+    good = _register(off_the_shelf(), {"kind": "copy"})
+    d = registry.gate("tiny", margin=-1.0, ecfg=ECFG, log_fn=lambda *_: None)
+    assert d.promoted and registry.aliases() == {"champion": good, "previous": first}
+    assert MlflowClient().get_model_version(registry.model_name(), good).tags["gate.decision"] == "promoted"
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["model", "rollback"])
+    assert out.exit_code == 0, out.output
+    assert registry.aliases() == {"champion": first, "previous": good}
+    out = runner.invoke(app, ["model", "promote", bad])
+    assert out.exit_code == 0 and registry.aliases()["champion"] == bad
+    out = runner.invoke(app, ["model", "list"])
+    assert out.exit_code == 0 and "champion" in out.output and "previous" in out.output
+    out = runner.invoke(app, ["model", "promote", "999"])
+    assert out.exit_code == 2 and "cannot promote" in out.output
+    # loading goes through weights-only state dicts
+    model, ref = registry.load("champion")
+    assert ref.endswith("@champion") and isinstance(model, DELG)
+
+
+TUNE_SPACE = {"lr": ["loguniform", 0.005, 0.05], "arcface_margin": ["uniform", 0.05, 0.3],
+              "dim": ["choice", [64, 128]], "image_size": ["choice", [96]]}
+
+
+def test_tune_asha_registers_challenger(workspace, tiny_synthetic):
+    from models.tune import TuneConfig, tune_delg
+
+    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+    t0 = time.perf_counter()
+    res = tune_delg("tiny", TuneConfig(trials=4, steps=12, val_every=2, cpus_per_trial=0.5, space=TUNE_SPACE),
+                    ModelConfig(), TrainConfig(batch_size=8, workers=1), log_fn=lambda *_: None)
+    assert time.perf_counter() - t0 < 300
+    assert res.trials == 4 and res.stopped_early >= 1 and res.model_version
+    assert registry.aliases()["challenger"] == res.model_version
+    runs = mlflow.search_runs(experiment_names=["ilr-delg"], filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    assert len(runs) == 4
+    tags = MlflowClient().get_model_version(registry.model_name(), res.model_version).tags
+    assert tags["tune_run_id"] == res.parent_run_id and tags["dataset.dvc_md5"]
