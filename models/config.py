@@ -54,7 +54,8 @@ class ExtractConfig:
     scales: tuple[float, ...] = (0.7071, 1.0, 1.4142)   # global descriptor scales; local uses them too
     local_scales: tuple[float, ...] = ()      # extra local-only scales (paper: 0.25 ... 2.0); () = same as global
     max_local_features: int = 0               # 0 = 1000 on CUDA, 500 on CPU
-    attention_threshold: float = 0.0          # keep only keypoints with attention >= this
+    attention_threshold: float = 0.0          # keep only keypoints with a score >= this
+    keypoint_score: str = "norm"              # norm | attention | attention_x_norm: what ranks keypoints
     batch_size: int = 8
     bucket_px: int = 32                       # images are resized to sides that are multiples of this
     device: str = "auto"

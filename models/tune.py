@@ -32,6 +32,7 @@ class TuneConfig:
     val_every: int = 0                       # 0 = train.val_every
     cpus_per_trial: float = 0.5
     gpus_per_trial: float = 0.0              # > 0 only takes effect where the cluster has GPUs
+    max_concurrent: int = 0                  # 0 = as many as the resources allow
     grace_period: int = 1                    # ASHA: validations before a trial can be stopped
     reduction_factor: int = 2
     seed: int = 0
@@ -55,7 +56,7 @@ def _space(spec: dict):
     from ray import tune
 
     kinds = {"uniform": tune.uniform, "loguniform": tune.loguniform, "choice": tune.choice,
-             "randint": tune.randint}
+             "randint": tune.randint, "grid_search": tune.grid_search}
     return {k: kinds[v[0]](*v[1:]) for k, v in spec.items()}
 
 
@@ -90,8 +91,7 @@ def _trainable(config: dict) -> None:
 
     res = train(base["dataset"], mcfg, tcfg, checkpoint_dir=ckpt_dir, report=report, log_fn=lambda *_: None,
                 parent_run_id=base["parent_run_id"], run_name=f"trial {trial_id}")
-    tune.report({**res.metrics, "step": res.steps, "model_uri": res.model_uri, "run_id": res.run_id,
-                 "done": 1})
+    tune.report({**res.metrics, "step": res.steps, "model_uri": res.model_uri, "run_id": res.run_id})
 
 
 @dataclass
@@ -125,6 +125,7 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
     storage = ilr_home() / "ray_results"
     exp_id = tracking.setup(tcfg.experiment)  # created once here: trials only look it up
     os.environ["ILR_HOME"] = str(ilr_home())
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
@@ -160,12 +161,12 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
                     metric="val_map", mode="max", num_samples=cfg.trials,
                     scheduler=ASHAScheduler(max_t=reports, grace_period=cfg.grace_period,
                                             reduction_factor=cfg.reduction_factor),
-                    search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed)),
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                    search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed,
+                                                                  max_concurrent=cfg.max_concurrent)),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
         grid = tuner.fit()
-        finished = [r for r in grid if r.metrics and r.metrics.get("done")]
-        stopped = sum(1 for r in grid if r.metrics and not r.metrics.get("done") and r.error is None)
+        finished = [r for r in grid if r.metrics and r.metrics.get("model_uri")]  # ran to the end
+        stopped = sum(1 for r in grid if r.metrics and not r.metrics.get("model_uri") and r.error is None)
         errors = [r.error for r in grid if r.error is not None]
         if not finished:
             raise RuntimeError(f"no trial finished ({len(errors)} failed): {errors[:1]}")

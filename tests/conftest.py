@@ -48,7 +48,10 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("ILR_REPO", str(repo))
     monkeypatch.setenv("ILR_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ILR_PARAMS", str(tmp_path / "no-params.yaml"))
-    return repo
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: never let one test's store leak into the next
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield repo
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -66,8 +66,9 @@ def test_gate_promote_rollback(workspace, tiny_synthetic):
     assert ref.endswith("@champion") and isinstance(model, DELG)
 
 
-TUNE_SPACE = {"lr": ["loguniform", 0.005, 0.05], "arcface_margin": ["uniform", 0.05, 0.3],
-              "dim": ["choice", [64, 128]], "image_size": ["choice", [96]]}
+# two learning rates far apart, so that ASHA has clearly worse trials to stop
+TUNE_SPACE = {"lr": ["grid_search", [0.00001, 0.05]], "arcface_margin": ["uniform", 0.05, 0.3],
+              "dim": ["choice", [64]], "image_size": ["choice", [96]]}
 
 
 def test_tune_asha_registers_challenger(workspace, tiny_synthetic):
@@ -75,7 +76,8 @@ def test_tune_asha_registers_challenger(workspace, tiny_synthetic):
 
     ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
     t0 = time.perf_counter()
-    res = tune_delg("tiny", TuneConfig(trials=4, steps=12, val_every=2, cpus_per_trial=0.5, space=TUNE_SPACE),
+    res = tune_delg("tiny", TuneConfig(trials=2, steps=12, val_every=2, cpus_per_trial=0.5, max_concurrent=2,
+                                          space=TUNE_SPACE),
                     ModelConfig(), TrainConfig(batch_size=8, workers=1), log_fn=lambda *_: None)
     assert time.perf_counter() - t0 < 300
     assert res.trials == 4 and res.stopped_early >= 1 and res.model_version
