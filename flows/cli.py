@@ -30,6 +30,14 @@ def _fail(e: IlrError) -> None:
     raise typer.Exit(2)
 
 
+def _write_metrics(path: Optional[Path], metrics: dict) -> None:
+    if path:
+        import json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
+
+
 def _data_cfg(**overrides) -> DataConfig:
     return from_params(DataConfig, "data", **overrides)
 
@@ -127,7 +135,9 @@ def train_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
               steps: Optional[int] = typer.Option(None, help="training steps (default: params.yaml train.steps)"),
               batch_size: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
               image_size: Optional[int] = typer.Option(None), backbone: Optional[str] = typer.Option(None),
-              device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")):
+              device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+              register: bool = typer.Option(False, "--register", help="register the model as `challenger`"),
+              metrics_file: Optional[Path] = typer.Option(None, help="write final metrics as JSON (DVC metrics)")):
     """Train DELG on a dataset version; logs to MLflow and prints the run id and model folder."""
     from models.config import model_config, train_config
     from models.train import train
@@ -141,6 +151,17 @@ def train_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
     console.print(f"trained on {res.dataset.ref}: {res.steps} steps, " +
                   " ".join(f"{k} {v:.4f}" for k, v in res.metrics.items()))
     console.print(f"mlflow run {res.run_id}; model {res.model_uri} ({res.model_dir})")
+    version = None
+    if register:
+        from models import registry, tracking
+
+        version = registry.register(res.model_uri, {
+            "dataset": res.dataset.name, "dataset.version": res.dataset.version,
+            "dataset.dvc_md5": res.dataset.dvc_md5, "git_sha": tracking.git_sha(), "train_run_id": res.run_id,
+            "kind": "trained", **{k: f"{v:.4f}" for k, v in res.metrics.items()}})
+        console.print(f"registered {registry.model_name()} v{version} as challenger")
+    _write_metrics(metrics_file, {**res.metrics, "steps": res.steps, "run_id": res.run_id,
+                                  "model_version": version, "dataset": res.dataset.ref})
 
 
 @app.command("evaluate")
@@ -149,7 +170,8 @@ def evaluate_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
                                                                  "the off-the-shelf ImageNet model"),
                  rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="local-feature re-ranking"),
                  max_side: Optional[int] = typer.Option(None, help="longest image side (px)"),
-                 device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")):
+                 device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+                 metrics_file: Optional[Path] = typer.Option(None, help="write the summary as JSON (DVC metrics)")):
     """Evaluate a model on a dataset with its protocol; prints per-protocol metrics and `mAP <value>`."""
     from models.config import extract_config, rerank_config
     from models.evaluate import evaluate
@@ -163,6 +185,7 @@ def evaluate_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
     for key in sorted(k for k in s if k.startswith(("global_", "rerank_", "gap"))):
         console.print(f"{key:28s} {s[key]:.4f}" if isinstance(s[key], float) else f"{key:28s} {s[key]}")
     console.print(f"model: {s['model']}; per-query CSV: {ev.csv_path}; mlflow run {ev.run_id}")
+    _write_metrics(metrics_file, {k: v for k, v in s.items() if isinstance(v, (int, float, str))})
     console.print(f"mAP {s['map']:.4f}")
 
 

@@ -174,7 +174,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
                 if val_set is not None and (step % tcfg.val_every == 0 or step == tcfg.steps):
                     metrics = validate(model, val_set, train_eval, device)
                     mlflow.log_metrics(metrics, step=step)
-                    log_fn(f"step {step}/{tcfg.steps} loss {float(losses['loss']):.3f} "
+                    log_fn(f"step {step}/{tcfg.steps} loss {float(losses['loss'].detach()):.3f} "
                            f"val_map {metrics['val_map']:.3f} val_top1 {metrics['val_top1']:.3f} "
                            f"({time.perf_counter() - t0:.0f}s)")
                 if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:

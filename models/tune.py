@@ -107,7 +107,7 @@ class TuneResult:
 
 def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | None = None,
               tcfg: TrainConfig | None = None, register: bool = True, log_fn: Callable[[str], None] = print,
-              resume: bool = True) -> TuneResult:
+              resume: bool = True, callbacks: list | None = None) -> TuneResult:
     """Run (or resume) a search on NAME[@VERSION] and register the best model as `challenger`."""
     import mlflow
     import ray
@@ -163,7 +163,7 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
                                             reduction_factor=cfg.reduction_factor),
                     search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed,
                                                                   max_concurrent=cfg.max_concurrent)),
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks))
         grid = tuner.fit()
         finished = [r for r in grid if r.metrics and r.metrics.get("model_uri")]  # ran to the end
         stopped = sum(1 for r in grid if r.metrics and not r.metrics.get("model_uri") and r.error is None)

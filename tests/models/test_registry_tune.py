@@ -86,3 +86,47 @@ def test_tune_asha_registers_challenger(workspace, tiny_synthetic):
     assert len(runs) == 4
     tags = MlflowClient().get_model_version(registry.model_name(), res.model_version).tags
     assert tags["tune_run_id"] == res.parent_run_id and tags["dataset.dvc_md5"]
+
+
+class _InterruptOnce:
+    """A Tune callback that aborts the search at the first trial result, once (a flag file remembers)."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __getattr__(self, name):  # the rest of ray.tune.Callback's hooks: no-ops
+        if name.startswith("on_") or name in ("setup", "get_state", "set_state"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        import os
+
+        if not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            raise KeyboardInterrupt("interrupting the search")
+
+
+def test_interrupted_tune_resumes_from_checkpoints(workspace, tiny_synthetic, tmp_path):
+    from ray import tune
+
+    from models.tune import TuneConfig, tune_delg
+
+    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+    cfg = TuneConfig(trials=2, steps=8, val_every=2, cpus_per_trial=0.5,
+                     space={"lr": ["choice", [0.01]], "dim": ["choice", [64]], "image_size": ["choice", [96]]})
+    tcfg = TrainConfig(batch_size=8, workers=1)
+    cb = type("Interrupt", (_InterruptOnce, tune.Callback), {})(tmp_path / "interrupted")
+    with pytest.raises(BaseException):
+        tune_delg("tiny", cfg, ModelConfig(), tcfg, register=False, log_fn=lambda *_: None, callbacks=[cb])
+    lines = []
+    res = tune_delg("tiny", cfg, ModelConfig(), tcfg, log_fn=lines.append, register=True)
+    assert any("resuming the search" in line for line in lines), lines
+    assert res.trials == 2 and res.model_version
+    runs = mlflow.search_runs(experiment_names=["ilr-delg"],
+                              filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    assert len(runs) == 2, "each trial kept its MLflow run across the interruption"
+    client = MlflowClient()
+    for run_id in runs["run_id"]:
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+        assert max(steps) == 8 and min(steps) == 1
