@@ -179,6 +179,7 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
                f"{best.metrics['val_map']:.4f} with {best_cfg}")
     model_version = None
     if register:
+        registry.ensure_champion(log_fn)  # the off-the-shelf model until a challenger passes the gate
         model_version = registry.register(best.metrics["model_uri"], {
             "dataset": version.name, "dataset.version": version.version, "dataset.dvc_md5": version.dvc_md5,
             "git_sha": tracking.git_sha(), "tune_run_id": parent_run_id, "train_run_id": best.metrics["run_id"],

@@ -82,6 +82,8 @@ def test_tune_asha_registers_challenger(workspace, tiny_synthetic):
     assert time.perf_counter() - t0 < 300
     assert res.trials == 4 and res.stopped_early >= 1 and res.model_version
     assert registry.aliases()["challenger"] == res.model_version
+    out = CliRunner().invoke(app, ["model", "list"])
+    assert out.exit_code == 0 and "champion" in out.output and "challenger" in out.output, out.output
     runs = mlflow.search_runs(experiment_names=["ilr-delg"], filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
     assert len(runs) == 4
     tags = MlflowClient().get_model_version(registry.model_name(), res.model_version).tags
