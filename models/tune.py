@@ -70,6 +70,7 @@ def _trainable(config: dict) -> None:
     from models.train import train
 
     base = config["_base"]
+    os.environ.update(base["env"])  # the driver's stores, even when Ray was started for another search
     mcfg = replace(ModelConfig(**base["model"]), **{k: config[k] for k in MODEL_KEYS if k in config})
     tcfg = replace(TrainConfig(**base["train"]), **{k: config[k] for k in TRAIN_KEYS if k in config})
     gpus = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0))
@@ -129,10 +130,7 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
-                 include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in ("ILR_HOME", "ILR_REPO", "ILR_PARAMS",
-                                                                       "MLFLOW_TRACKING_URI", "ILR_MODEL_NAME")
-                                           if k in os.environ}})
+                 include_dashboard=False, configure_logging=False)
     gpus = cfg.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     state_file = storage / name / "ilr_parent_run.txt"
     parent_run_id = state_file.read_text().strip() if resume and state_file.exists() else None
@@ -146,7 +144,10 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
         mlflow.log_params({"trials": cfg.trials, "steps": tcfg.steps, "cpus_per_trial": cfg.cpus_per_trial,
                            "gpus_per_trial": gpus})
         base = {"dataset": ref, "model": asdict(mcfg), "train": asdict(tcfg), "parent_run_id": parent_run_id,
-                "cpus_per_trial": cfg.cpus_per_trial, "key": key}
+                "cpus_per_trial": cfg.cpus_per_trial, "key": key,
+                "env": {k: os.environ[k] for k in ("ILR_HOME", "ILR_REPO", "ILR_PARAMS", "MLFLOW_TRACKING_URI",
+                                                   "ILR_MODEL_NAME", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S")
+                        if k in os.environ}}
         trainable = tune.with_resources(_trainable, {"cpu": cfg.cpus_per_trial, "gpu": gpus})
         path = str(storage / name)
         reports = max(1, tcfg.steps // tcfg.val_every) + 1  # validations + the final report
