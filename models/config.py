@@ -30,7 +30,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 16
     lr: float = 0.01
     momentum: float = 0.9
