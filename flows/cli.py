@@ -276,6 +276,34 @@ def model_rollback():
     console.print(f"rolled back: champion v{r['champion']} (previous v{r['previous']})")
 
 
+index_app = typer.Typer(no_args_is_help=True, help="The retrieval index (Milvus + local-feature store).")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
+                model: Optional[str] = typer.Option(None, help="model URI; default: champion, else off-the-shelf")):
+    """Extract the index images into a Milvus collection per (model, dataset) version; move `ilr_live`
+    to it after an ANN-recall check. Resumable."""
+    from rich.progress import Progress
+
+    from models.config import extract_config
+    from serving.index import build, index_config
+
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("extracting", total=None)
+            res = build(dataset, model, index_config(), extract_config(), log_fn=console.print,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except IlrError as e:
+        _fail(e)
+    console.print(f"collection {res.collection}: {res.total} images ({res.added} added, {res.skipped} already "
+                  f"there) in {res.seconds:.1f}s; recall {res.recall:.4f}; live alias "
+                  f"{'moved' if res.alias_moved else 'NOT moved'}; model {res.model}")
+    if not res.alias_moved:
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 def demo(size: str = typer.Option(None, help="synthetic size (default: params.yaml demo.size)"),
          seed: int = typer.Option(None, help="generator seed (default: params.yaml demo.seed)")):

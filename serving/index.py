@@ -1,0 +1,289 @@
+"""The retrieval index: global descriptors in Milvus, local features in a compact memory-mapped store.
+
+- One Milvus collection per (model version, dataset version), fields image_id (primary), label, domain,
+  vector; HNSW on inner product (descriptors are unit vectors). Milvus Lite (a data dir under $ILR_HOME)
+  by default, `MILVUS_URI` for a Milvus server.
+- The alias `ilr_live` moves to a new collection only after its ANN recall against exact search passes.
+- Local features: one append-only pair of files per collection (uint16 keypoints, int8 descriptors) and
+  a SQLite catalogue image_id -> (offset, count); reads are memory-mapped. Global vectors are kept beside
+  them (float32) for exact-search recall checks.
+- Builds are resumable (images already stored are skipped) and incremental (add / delete images).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from data import manifest
+from data.config import from_params, ilr_home
+from data.errors import IlrError
+from data.versioning import dataset_dir
+from models.extract import Extractor, Features, pack_local, unpack_local
+
+
+@dataclass
+class IndexConfig:
+    index_type: str = "HNSW"
+    hnsw_m: int = 16
+    ef_construction: int = 200
+    ef_search: int = 128
+    alias: str = "ilr_live"
+    min_recall: float = 0.95          # ANN recall@k against exact search needed to move the alias
+    recall_k: int = 100
+    recall_queries: int = 200
+    chunk: int = 64                   # images extracted and inserted per step
+
+
+def index_config(**kw) -> IndexConfig:
+    return from_params(IndexConfig, "index", **kw)
+
+
+def milvus_uri() -> str:
+    return os.environ.get("MILVUS_URI") or str(ilr_home() / "milvus.db")
+
+
+def collection_name(model_version: str, dataset: str, dataset_version: str) -> str:
+    raw = f"ilr_m{model_version}_{dataset}_{dataset_version}"
+    return re.sub(r"[^A-Za-z0-9_]", "_", raw)[:255]
+
+
+class LocalFeatureStore:
+    """Append-only local features of one collection, read through memory maps. Thread-safe appends."""
+
+    def __init__(self, folder: Path, dim: int | None = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.folder / "catalog.sqlite", check_same_thread=False)
+        self._db.execute("CREATE TABLE IF NOT EXISTS features (image_id TEXT PRIMARY KEY, kp_offset INTEGER, "
+                         "count INTEGER, row INTEGER, width INTEGER, height INTEGER, deleted INTEGER DEFAULT 0)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._lock = threading.Lock()
+        stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        self.dim = int(stored["dim"]) if "dim" in stored else dim
+        self.global_dim = int(stored["global_dim"]) if "global_dim" in stored else None
+        self._maps: dict[str, tuple[int, np.memmap]] = {}
+
+    def _path(self, name: str) -> Path:
+        return self.folder / name
+
+    def __contains__(self, image_id: str) -> bool:
+        row = self._db.execute("SELECT deleted FROM features WHERE image_id = ?", (image_id,)).fetchone()
+        return row is not None and row[0] == 0
+
+    def ids(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT image_id FROM features WHERE deleted = 0 ORDER BY row")]
+
+    def add(self, image_id: str, f: Features) -> None:
+        kp, desc = pack_local(f)
+        with self._lock:
+            if self.dim is None:
+                self.dim = desc.shape[1]
+            if self.global_dim is None:
+                self.global_dim = len(f.global_desc)
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                 [("dim", str(self.dim)), ("global_dim", str(self.global_dim))])
+            offset = self._append("keypoints.u16", kp) // (2 * 2)
+            self._append("descriptors.i8", desc.reshape(-1))
+            row = self._append("global.f32", f.global_desc.astype(np.float32)) // (4 * self.global_dim)
+            self._db.execute("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?, ?, 0)",
+                             (image_id, offset, len(kp), row, int(f.size[0]), int(f.size[1])))
+            self._db.commit()
+
+    def _append(self, name: str, arr: np.ndarray) -> int:
+        """Append raw bytes; return the byte offset where they start."""
+        path = self._path(name)
+        with open(path, "ab") as fh:
+            start = fh.tell()
+            fh.write(np.ascontiguousarray(arr).tobytes())
+        return start
+
+    def _map(self, name: str, dtype) -> np.memmap:
+        size = self._path(name).stat().st_size
+        cached = self._maps.get(name)
+        if cached is None or cached[0] != size:
+            cached = (size, np.memmap(self._path(name), dtype=dtype, mode="r"))
+            self._maps[name] = cached
+        return cached[1]
+
+    def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(keypoints float32 [N x 2], descriptors float32 [N x d], unit length)."""
+        row = self._db.execute("SELECT kp_offset, count FROM features WHERE image_id = ? AND deleted = 0",
+                               (image_id,)).fetchone()
+        if row is None:
+            raise KeyError(image_id)
+        off, n = row
+        kp = np.asarray(self._map("keypoints.u16", np.uint16)[2 * off:2 * (off + n)]).reshape(n, 2)
+        desc = np.asarray(self._map("descriptors.i8", np.int8)[self.dim * off:self.dim * (off + n)]).reshape(n, self.dim)
+        return unpack_local(kp, desc)
+
+    def global_vectors(self) -> tuple[list[str], np.ndarray]:
+        """(image_ids, [N x D] float32) of the live images, for exact search."""
+        rows = self._db.execute("SELECT image_id, row FROM features WHERE deleted = 0 ORDER BY row").fetchall()
+        if not rows:
+            return [], np.zeros((0, self.global_dim or 0), np.float32)
+        mat = self._map("global.f32", np.float32).reshape(-1, self.global_dim)
+        return [r[0] for r in rows], np.asarray(mat[[r[1] for r in rows]])
+
+    def delete(self, image_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("UPDATE features SET deleted = 1 WHERE image_id = ? AND deleted = 0", (image_id,))
+            self._db.commit()
+            return cur.rowcount > 0
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class VectorIndex:
+    """A Milvus collection of global descriptors (or the alias in front of one)."""
+
+    def __init__(self, client, name: str):
+        self.client, self.name = client, name
+
+    @classmethod
+    def connect(cls, name: str, uri: str | None = None):
+        from pymilvus import MilvusClient
+
+        return cls(MilvusClient(uri or milvus_uri()), name)
+
+    def create(self, dim: int, cfg: IndexConfig) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if self.client.has_collection(self.name):
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("image_id", DataType.VARCHAR, is_primary=True, max_length=256)
+        schema.add_field("label", DataType.VARCHAR, max_length=256)
+        schema.add_field("domain", DataType.VARCHAR, max_length=32)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        params = self.client.prepare_index_params()
+        extra = {"M": cfg.hnsw_m, "efConstruction": cfg.ef_construction} if cfg.index_type == "HNSW" else \
+            {"nlist": 128}
+        params.add_index(field_name="vector", index_type=cfg.index_type, metric_type="IP", params=extra)
+        self.client.create_collection(self.name, schema=schema, index_params=params)
+
+    def insert(self, rows: Sequence[dict]) -> None:
+        if rows:
+            self.client.upsert(self.name, list(rows))
+
+    def delete(self, ids: Sequence[str]) -> None:
+        self.client.delete(self.name, ids=list(ids))
+
+    def search(self, vectors: np.ndarray, k: int, ef: int = 128) -> list[list[dict]]:
+        """Top-k per query: [{image_id, score, label, domain}], best first."""
+        self.client.load_collection(self.name)
+        res = self.client.search(self.name, data=[v.tolist() for v in np.atleast_2d(vectors)], limit=k,
+                                 output_fields=["label", "domain"],
+                                 search_params={"metric_type": "IP", "params": {"ef": max(ef, k), "nprobe": 16}})
+        return [[{"image_id": h["id"] if "id" in h else h["image_id"], "score": float(h["distance"]),
+                  "label": h["entity"]["label"], "domain": h["entity"]["domain"]} for h in hits] for hits in res]
+
+    def count(self) -> int:
+        self.client.flush(self.name) if hasattr(self.client, "flush") else None
+        stats = self.client.get_collection_stats(self.name)
+        return int(stats.get("row_count", 0))
+
+    def point_alias(self, alias: str) -> None:
+        """Create or move `alias` to this collection (atomic for searchers that use the alias)."""
+        quiet = logging.getLogger("pymilvus")
+        level, quiet.level = quiet.level, logging.CRITICAL  # a missing alias is expected, not an error
+        try:
+            current = self.client.describe_alias(alias).get("collection_name")
+        except Exception:
+            current = None
+        finally:
+            quiet.setLevel(level)
+        if current is None:
+            self.client.create_alias(self.name, alias)
+        elif current != self.name:
+            self.client.alter_alias(self.name, alias)
+
+
+def recall_at_k(index: VectorIndex, ids: list[str], vectors: np.ndarray, k: int, n_queries: int, ef: int,
+                seed: int = 0) -> float:
+    """Mean recall@k of ANN search against exact inner-product search, on stored vectors used as queries."""
+    if len(ids) == 0:
+        return 1.0
+    k = min(k, len(ids))
+    rng = np.random.default_rng(seed)
+    q = rng.choice(len(ids), size=min(n_queries, len(ids)), replace=False)
+    exact = np.argsort(-(vectors[q] @ vectors.T), axis=1)[:, :k]
+    ann = index.search(vectors[q], k, ef)
+    id_arr = np.asarray(ids)
+    return float(np.mean([len(set(id_arr[e]) & {h["image_id"] for h in a}) / k for e, a in zip(exact, ann)]))
+
+
+@dataclass
+class BuildResult:
+    collection: str
+    added: int
+    skipped: int
+    total: int
+    recall: float
+    alias_moved: bool
+    model: str
+    seconds: float
+
+
+def model_version_of(model_ref: str) -> str:
+    """A short, stable name for the model part of a collection name."""
+    if model_ref == "off-the-shelf":
+        return "ots"
+    m = re.search(r"/(\d+)$", model_ref)
+    return m.group(1) if m else re.sub(r"[^A-Za-z0-9]", "", model_ref)[-12:]
+
+
+def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = None, ecfg=None,
+          log_fn: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> BuildResult:
+    """Extract the index split of NAME[@VERSION] into a new (or partly built) collection, check its ANN
+    recall, then point the live alias at it."""
+    from models import artifacts, registry
+
+    cfg = cfg or index_config()
+    t0 = time.perf_counter()
+    version, folder = dataset_dir(dataset)
+    if model_uri is None and registry.alias_version("champion"):
+        model_uri = f"models:/{registry.model_name()}/{registry.alias_version('champion')}"
+    model, model_ref = artifacts.resolve(model_uri)
+    name = collection_name(model_version_of(model_ref), version.name, version.version)
+    df = manifest.read(folder)
+    rows = df[df["split"] == "index"].reset_index(drop=True)
+    if len(rows) == 0:
+        raise IlrError(f"dataset {version.ref} has no index images")
+    store = LocalFeatureStore(ilr_home() / "local_features" / name)
+    index = VectorIndex.connect(name)
+    todo = rows[~rows["image_id"].map(store.__contains__)].reset_index(drop=True)
+    log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}")
+    extractor = Extractor(model, ecfg)
+    created = index.client.has_collection(name)
+    for start in range(0, len(todo), cfg.chunk):
+        part = todo.iloc[start:start + cfg.chunk]
+        feats = extractor.extract([folder / p for p in part["path"]])
+        if not created:
+            index.create(len(feats[0].global_desc), cfg)
+            created = True
+        index.insert([{"image_id": i, "label": lab, "domain": dom, "vector": f.global_desc.tolist()}
+                      for i, lab, dom, f in zip(part["image_id"], part["label"], part["domain"], feats)])
+        for i, f in zip(part["image_id"], feats):  # after Milvus: a stored image is fully indexed
+            store.add(i, f)
+        progress and progress(min(start + cfg.chunk, len(todo)), len(todo))
+    ids, vectors = store.global_vectors()
+    recall = recall_at_k(index, ids, vectors, cfg.recall_k, cfg.recall_queries, cfg.ef_search)
+    moved = recall >= cfg.min_recall
+    if moved:
+        index.point_alias(cfg.alias)
+        log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} >= {cfg.min_recall}: {cfg.alias} -> {name}")
+    else:
+        log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} < {cfg.min_recall}: {cfg.alias} not moved")
+    store.close()
+    return BuildResult(name, len(todo), len(rows) - len(todo), len(ids), recall, moved, model_ref,
+                       time.perf_counter() - t0)
