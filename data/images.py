@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from data.errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")  # nothing that shells out (EPS)
 FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
               "GIF": ".gif", "MPO": ".jpg"}
 
@@ -37,8 +38,8 @@ def _open(data: bytes, where: str, max_pixels: int, info: ImageInfo | None = Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
+            img = Image.open(io.BytesIO(data), formats=list(OPEN_FORMATS))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image too large (decompression bomb guard): {e}", where) from None
     except Exception:
         raise ImageError("not an image, or a format that cannot be read (expected JPEG/PNG/WebP/BMP/TIFF/GIF)",

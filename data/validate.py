@@ -74,28 +74,33 @@ def _bbox_ok(bbox, w: int, h: int) -> bool:
     return 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
 
 
-def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Hamming distances of 64-bit hashes: [len(a) x len(b)] uint8."""
-    return np.bitwise_count(a[:, None] ^ b[None, :])
+def nearest_hash(a: np.ndarray, b: np.ndarray, budget: int = 20_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """For each 64-bit hash in a: (smallest Hamming distance to b, index in b). Chunked so that at most
+    `budget` distances exist at a time; O(len(a) * len(b)) time."""
+    dist = np.full(len(a), 65, np.int64)
+    arg = np.zeros(len(a), np.int64)
+    if len(a) == 0 or len(b) == 0:
+        return dist, arg
+    step = max(1, budget // len(b))
+    for i in range(0, len(a), step):
+        d = np.bitwise_count(a[i:i + step, None] ^ b[None, :])
+        arg[i:i + step] = d.argmin(axis=1)
+        dist[i:i + step] = d[np.arange(len(d)), arg[i:i + step]]
+    return dist, arg
 
 
 def _leaks(t: pd.DataFrame, bits: int) -> list[str | None]:
     """For train/val images: the id of a near-identical index/query image (train-test leakage), else None."""
     ok = t["file_error"].isna().to_numpy()
-    fit = (t["split"].isin(["train", "val"]).to_numpy()) & ok
-    ev = (t["split"].isin(["index", "query"]).to_numpy()) & ok
+    fit = np.flatnonzero(t["split"].isin(["train", "val"]).to_numpy() & ok)
+    ev = np.flatnonzero(t["split"].isin(["index", "query"]).to_numpy() & ok)
     out: list[str | None] = [None] * len(t)
-    if not fit.any() or not ev.any():
-        return out
     h = t["_phash"].to_numpy()
-    ev_idx = np.flatnonzero(ev)
-    ev_ids = t["image_id"].to_numpy()[ev_idx]
-    for chunk in np.array_split(np.flatnonzero(fit), max(1, int(fit.sum()) // 2048 + 1)):
-        d = _hamming(h[chunk], h[ev_idx])
-        best = d.argmin(axis=1)
-        for row, j, dist in zip(chunk, best, d[np.arange(len(chunk)), best]):
-            if dist <= bits:
-                out[row] = str(ev_ids[j])
+    dist, arg = nearest_hash(h[fit], h[ev])
+    ids = t["image_id"].to_numpy()
+    for row, d, j in zip(fit, dist, arg):
+        if d <= bits:
+            out[row] = str(ids[ev[j]])
     return out
 
 
@@ -110,9 +115,7 @@ def dataset_summary(t: pd.DataFrame, bits: int) -> dict:
     ok = t["file_error"].isna()
     q = t[(t["split"] == "query") & ok]
     i = t[(t["split"] == "index") & ok]
-    near_iq = 0
-    if len(q) and len(i):
-        near_iq = int((_hamming(q["_phash"].to_numpy(), i["_phash"].to_numpy()).min(axis=1) <= bits).sum())
+    near_iq = int((nearest_hash(q["_phash"].to_numpy(), i["_phash"].to_numpy())[0] <= bits).sum())
     return {"label_distribution": dist,
             "near_duplicates": {"train_val_vs_index_query": int(t["leaked_near_duplicate_of"].notna().sum()),
                                 "query_vs_index": near_iq, "max_hamming_bits": bits}}

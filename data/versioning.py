@@ -102,6 +102,10 @@ def ensure_repo(repo: Path) -> None:
         _dvc(repo, "remote", "add", "--local", "--force", "-d", "ilr-local", str(remote))
 
 
+def _has_head(repo: Path) -> bool:
+    return subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=repo, capture_output=True).returncode == 0
+
+
 def store_dir(repo: Path, cfg: DataConfig) -> Path:
     return repo / cfg.store_dir
 
@@ -135,7 +139,10 @@ def read_source(fmt: str, source: str, cfg: DataConfig, staging: Path, **opts) -
 
 def _stage(src: Source, folder: Path, cfg: DataConfig) -> pd.DataFrame:
     """Copy (or hard-link) every image into folder/images/<image_id><ext>; return the manifest."""
-    rows = src.rows.copy()
+    rows = src.rows.reset_index(drop=True).copy()
+    for i, v in rows["image_id"].items():  # ids become file names: check them before writing anything
+        manifest.check_image_id(v, f"source, row {i + 2}")
+    manifest.check_unique_ids(rows, "source")
     missing = [s for s in rows["src"] if not Path(s).is_file()]
     if missing:
         raise ImageError(f"{len(missing)} image file(s) not found, e.g. {missing[:3]}", where="source")
@@ -145,6 +152,8 @@ def _stage(src: Source, folder: Path, cfg: DataConfig) -> pd.DataFrame:
         ext = Path(s).suffix.lower()
         rel = f"images/{image_id}{ext if ext in IMAGE_EXTENSIONS else '.img'}"
         dst = folder / rel
+        if dst.resolve().parent != (folder / "images").resolve():
+            raise DataFormatError(f"image id {image_id!r} would leave the dataset folder", where="source")
         if cfg.link:
             try:
                 os.link(s, dst)
@@ -235,6 +244,8 @@ def _commit(staged: Path, name: str, df: pd.DataFrame, fmt: str, repo: Path, cfg
         target.rename(old)
     shutil.move(str(staged), str(target))
     ignore_file = store / ".gitignore"
+    head = _git(repo, "rev-parse", "-q", "--verify", "HEAD").strip() if _has_head(repo) else None
+    committed = False
     prior = dvc_file.read_text() if dvc_file.exists() else None
     prior_ignore = ignore_file.read_text() if ignore_file.exists() else None
     try:
@@ -249,17 +260,22 @@ def _commit(staged: Path, name: str, df: pd.DataFrame, fmt: str, repo: Path, cfg
         gitignore = ignore_file.relative_to(repo).as_posix()
         dvc_rel = dvc_file.relative_to(repo).as_posix()
         _dvc(repo, "push", "-q", dvc_rel)  # the payload reaches the remote before git records it
-        n = len(existing) + 1
+        n = max((int(v.version[1:]) for v in existing), default=0) + 1
         counts = manifest.counts(df)
         paths = [dvc_rel] + ([gitignore] if ignore_file.exists() else [])  # absent when git ignores it already
         _git(repo, "add", *paths)
         if _git(repo, "status", "--porcelain", "--", *paths).strip():
             _git(repo, "commit", "-q", "-m", f"data: {name} v{n} ({len(df)} images, {fmt})", "--", *paths)
+            committed = True
         # else: git already records this content (e.g. a clone without our tags): tag that commit
         rev = _git(repo, "log", "-1", "--format=%H", "--", dvc_rel).strip()
         meta = {"dvc_md5": md5, "counts": counts, "format": fmt}
         _git(repo, "tag", "-a", f"{TAG_PREFIX}/{name}/v{n}", "-m", f"{name} v{n}\n\n{json.dumps(meta)}")
     except BaseException:  # put the previous state back, whatever went wrong
+        if committed and head:
+            subprocess.run(["git", "reset", "-q", "--soft", head], cwd=repo, capture_output=True)
+        rels = [p.relative_to(repo).as_posix() for p in (dvc_file, ignore_file)]
+        subprocess.run(["git", "reset", "-q", "--", *rels], cwd=repo, capture_output=True)  # unstage
         shutil.rmtree(target, ignore_errors=True)
         if old.exists():
             old.rename(target)

@@ -37,8 +37,11 @@ def load(folder: Path, device: str = "cpu") -> DELG:
 
 
 def off_the_shelf(cfg: ModelConfig | None = None) -> DELG:
-    """The ImageNet backbone with GeM (and feature-norm attention for local features): always available."""
-    return DELG(cfg or ModelConfig(), off_the_shelf=True).eval()
+    """The ImageNet backbone with GeM (and feature-norm attention for local features): always available.
+    Its unused heads are seeded, so the same model (and weights hash) comes out every time."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return DELG(cfg or ModelConfig(), off_the_shelf=True).eval()
 
 
 REGISTERED_MODEL = "ilr-delg"

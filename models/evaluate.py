@@ -68,10 +68,11 @@ def rerank_orders(orders: np.ndarray, sims: np.ndarray, q_local, db_local, reran
     new, inl_out, score_out = orders.copy(), np.zeros((len(orders), k), np.int64), np.zeros((len(orders), k))
     for qi in range(len(orders)):
         top = orders[qi, :k]
+        top = top[np.isfinite(sims[qi, top])]  # leave-one-out: the query itself is not a candidate
         r = reranker.rerank(*q_local[qi], [db_local[j] for j in top], sims[qi, top])
-        new[qi, :k] = top[r.order]
-        inl_out[qi] = r.inliers[r.order]
-        score_out[qi] = r.scores[r.order]
+        new[qi, :len(top)] = top[r.order]
+        inl_out[qi, :len(top)] = r.inliers[r.order]
+        score_out[qi, :len(top)] = r.scores[r.order]
         progress and progress(qi + 1)
     return new, inl_out, score_out
 
@@ -80,7 +81,7 @@ def _ids(value) -> list:
     return list(value) if isinstance(value, (list, tuple, np.ndarray)) else []
 
 
-def _ground_truth(protocol: str, queries: pd.DataFrame, index: pd.DataFrame, loo: bool):
+def _ground_truth(protocol: str, queries: pd.DataFrame, index: pd.DataFrame, self_pos: np.ndarray | None):
     """positives[q], junk[q] as index positions (labels protocols); gnd dicts (revisited)."""
     pos_of = {iid: i for i, iid in enumerate(index["image_id"])}
     if protocol == "revisited":
@@ -95,7 +96,7 @@ def _ground_truth(protocol: str, queries: pd.DataFrame, index: pd.DataFrame, loo
     out = []
     for qi, lab in enumerate(queries["label"]):
         p = by_label[lab]
-        out.append(p[p != qi] if loo else p)
+        out.append(p[p != self_pos[qi]] if self_pos is not None else p)  # leave-one-out: not itself
     return out
 
 
@@ -134,7 +135,7 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
     db_g = np.stack([f.global_desc for f in idx_feats])
     q_g = np.stack([f.global_desc for f in q_feats])
     orders, sims = rank(q_g, db_g, q_pos)
-    gt = _ground_truth(protocol, queries, index, loo)
+    gt = _ground_truth(protocol, queries, index, q_pos)
 
     def score(ords: np.ndarray) -> dict:
         if protocol == "revisited":
@@ -158,8 +159,8 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
         summary["rerank_s_per_query"] = (time.perf_counter() - t1) / len(queries)
         rr = score(final)
         summary.update({f"rerank_{k}": v for k, v in rr.items() if k != "aps"})
-    best = summary["rerank_medium" if protocol == "revisited" else "rerank_map"] if rerank else \
-        summary["global_medium" if protocol == "revisited" else "global_map"]
+    headline = {"revisited": "medium", "gldv2": "map_at_100"}.get(protocol, "map")  # each protocol's own
+    best = summary[f"rerank_{headline}" if rerank else f"global_{headline}"]
     summary["map"] = best
     if protocol == "gldv2":  # recognition: label of the best index image, DELG's score
         labels = index["label"].to_numpy()

@@ -59,6 +59,8 @@ def mutual_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray], max_dis
 
     q: [N x d]; candidates[c]: [M_c x d] -> list of [P_c x 2] index pairs."""
     out: list[np.ndarray] = []
+    if len(q) == 0:
+        return [np.zeros((0, 2), np.int64) for _ in candidates]
     qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
     min_sim = 1.0 - max_distance ** 2 / 2
     for start in range(0, len(candidates), chunk):

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -64,13 +66,27 @@ class LocalFeatureStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.folder / "catalog.sqlite", check_same_thread=False)
         self._db.execute("CREATE TABLE IF NOT EXISTS features (image_id TEXT PRIMARY KEY, kp_offset INTEGER, "
-                         "count INTEGER, row INTEGER, width INTEGER, height INTEGER, deleted INTEGER DEFAULT 0)")
+                         "desc_offset INTEGER, count INTEGER, row INTEGER, width INTEGER, height INTEGER, "
+                         "deleted INTEGER DEFAULT 0)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self._lock = threading.Lock()
         stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         self.dim = int(stored["dim"]) if "dim" in stored else dim
         self.global_dim = int(stored["global_dim"]) if "global_dim" in stored else None
         self._maps: dict[str, tuple[int, np.memmap]] = {}
+        self._truncate_to_catalogue()
+
+    def _truncate_to_catalogue(self) -> None:
+        """Drop bytes written after the last catalogued image (a build interrupted mid-append)."""
+        end = self._db.execute("SELECT kp_offset + count, desc_offset + count * ?, row + 1 FROM features "
+                               "ORDER BY row DESC LIMIT 1", (self.dim or 0,)).fetchone()
+        kp_end, desc_end, rows = end if end else (0, 0, 0)
+        for name, size in (("keypoints.u16", kp_end * 4), ("descriptors.i8", desc_end),
+                           ("global.f32", rows * 4 * (self.global_dim or 0))):
+            path = self._path(name)
+            if path.exists() and path.stat().st_size > size:
+                with open(path, "r+b") as fh:
+                    fh.truncate(size)
 
     def _path(self, name: str) -> Path:
         return self.folder / name
@@ -84,7 +100,8 @@ class LocalFeatureStore:
 
     def add(self, image_id: str, f: Features) -> None:
         kp, desc = pack_local(f)
-        with self._lock:
+        with self._lock, open(self._path(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per store, across processes too
             if self.dim is None:
                 self.dim = desc.shape[1]
             if self.global_dim is None:
@@ -92,10 +109,10 @@ class LocalFeatureStore:
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                  [("dim", str(self.dim)), ("global_dim", str(self.global_dim))])
             offset = self._append("keypoints.u16", kp) // (2 * 2)
-            self._append("descriptors.i8", desc.reshape(-1))
+            desc_offset = self._append("descriptors.i8", desc.reshape(-1))
             row = self._append("global.f32", f.global_desc.astype(np.float32)) // (4 * self.global_dim)
-            self._db.execute("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?, ?, 0)",
-                             (image_id, offset, len(kp), row, int(f.size[0]), int(f.size[1])))
+            self._db.execute("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                             (image_id, offset, desc_offset, len(kp), row, int(f.size[0]), int(f.size[1])))
             self._db.commit()
 
     def _append(self, name: str, arr: np.ndarray) -> int:
@@ -116,13 +133,13 @@ class LocalFeatureStore:
 
     def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(keypoints float32 [N x 2], descriptors float32 [N x d], unit length)."""
-        row = self._db.execute("SELECT kp_offset, count FROM features WHERE image_id = ? AND deleted = 0",
-                               (image_id,)).fetchone()
+        row = self._db.execute("SELECT kp_offset, desc_offset, count FROM features WHERE image_id = ? AND "
+                               "deleted = 0", (image_id,)).fetchone()
         if row is None:
             raise KeyError(image_id)
-        off, n = row
+        off, doff, n = row
         kp = np.asarray(self._map("keypoints.u16", np.uint16)[2 * off:2 * (off + n)]).reshape(n, 2)
-        desc = np.asarray(self._map("descriptors.i8", np.int8)[self.dim * off:self.dim * (off + n)]).reshape(n, self.dim)
+        desc = np.asarray(self._map("descriptors.i8", np.int8)[doff:doff + self.dim * n]).reshape(n, self.dim)
         return unpack_local(kp, desc)
 
     def global_vectors(self) -> tuple[list[str], np.ndarray]:
@@ -234,12 +251,16 @@ class BuildResult:
     seconds: float
 
 
-def model_version_of(model_ref: str) -> str:
-    """A short, stable name for the model part of a collection name."""
-    if model_ref == "off-the-shelf":
-        return "ots"
+def model_key(model, model_ref: str) -> str:
+    """Names the model part of a collection: registry version when known, plus a hash of the weights, so
+    that a retrained or promoted model never reuses another model's vectors."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.inference_state().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
     m = re.search(r"/(\d+)$", model_ref)
-    return m.group(1) if m else re.sub(r"[^A-Za-z0-9]", "", model_ref)[-12:]
+    prefix = "ots" if model_ref == "off-the-shelf" else (f"v{m.group(1)}" if m else "x")
+    return f"{prefix}_{h.hexdigest()[:8]}"
 
 
 def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = None, ecfg=None,
@@ -254,7 +275,7 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
     if model_uri is None and registry.alias_version("champion"):
         model_uri = f"models:/{registry.model_name()}/{registry.alias_version('champion')}"
     model, model_ref = artifacts.resolve(model_uri)
-    name = collection_name(model_version_of(model_ref), version.name, version.version)
+    name = collection_name(model_key(model, model_ref), version.name, version.version)
     df = manifest.read(folder)
     rows = df[df["split"] == "index"].reset_index(drop=True)
     if len(rows) == 0:

@@ -185,3 +185,8 @@ def test_manifest_roundtrip_and_normalize_errors(tmp_path):
         manifest.normalize(df.assign(split="test"), "t")
     with pytest.raises(DataFormatError, match="unsafe"):
         manifest.normalize(df.assign(image_id=["a/b", "c"]), "t")
+
+
+def test_ids_with_a_trailing_newline_are_unsafe():
+    with pytest.raises(DataFormatError):
+        manifest.check_image_id("abc\n", "t")

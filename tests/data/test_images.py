@@ -68,3 +68,11 @@ def test_probe_fingerprints_good_images(tmp_path):
     b = probe(make_image(tmp_path / "b.jpg", 2), max_pixels=10_000_000)
     assert a.error is None and (a.width, a.height) == (96, 72) and a.format == "JPEG"
     assert a.sha1 != b.sha1 and a.phash != b.phash
+
+
+def test_only_safe_formats_are_opened():
+    # formats Pillow could read but ilr does not accept (PCX, TGA, ...; EPS would shell out to Ghostscript)
+    img = Image.new("RGB", (40, 40), (10, 20, 30))
+    for fmt in ("PCX", "TGA", "PPM"):
+        with pytest.raises(ImageError, match="not an image"):
+            decode(_encode(img, fmt), f"x.{fmt.lower()}")

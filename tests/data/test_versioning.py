@@ -154,3 +154,17 @@ def test_clone_without_tags_reingests_to_a_version(workspace, tiny_synthetic):
     git(workspace, "tag", "-d", "ilr-data/syn/v1")
     again, _ = ingest("synthetic", str(tiny_synthetic), "syn", log=lambda *_: None)
     assert again.version == "v1" and again.git_rev == v1.git_rev and not again.unchanged
+
+
+def test_path_tricks_in_a_generated_manifest_write_nothing(workspace, tiny_synthetic, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_synthetic, bad)
+    df = manifest.read(bad)
+    df.loc[0, "image_id"] = "../../../escaped"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pandas(df.astype(object).where(df.notna(), None), preserve_index=False),
+                   bad / manifest.MANIFEST)
+    with pytest.raises(DataFormatError, match="unsafe image id"):
+        ingest("synthetic", str(bad), "syn", log=lambda *_: None)
+    assert not list((tmp_path / "home").rglob("escaped*")) and not list(tmp_path.rglob("escaped*"))

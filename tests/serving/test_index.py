@@ -60,3 +60,20 @@ def test_build_search_resume_and_alias(workspace, tiny_synthetic):
     # the alias does not move when the recall check fails
     bad = build("tiny", cfg=IndexConfig(chunk=8, min_recall=1.01, alias="other"), ecfg=ECFG, log_fn=lambda *_: None)
     assert not bad.alias_moved
+
+
+def test_store_recovers_from_an_interrupted_append(tmp_path):
+    store = LocalFeatureStore(tmp_path / "s")
+    rng = np.random.default_rng(1)
+    d = rng.normal(size=(5, 8)).astype(np.float32)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    f = Features(np.ones(4, np.float32) / 2, rng.uniform(0, 50, (5, 2)).astype(np.float32), d, np.ones(5),
+                 np.ones(5), (64, 64))
+    store.add("a", f)
+    store.close()
+    with open(tmp_path / "s" / "keypoints.u16", "ab") as fh:  # a crash after a partial write
+        fh.write(b"\x01\x02\x03")
+    reopened = LocalFeatureStore(tmp_path / "s")
+    reopened.add("b", f)
+    kp, desc = reopened.get("b")
+    assert np.abs(kp - f.keypoints).max() <= 0.5 and np.abs((desc * d).sum(1) - 1).max() < 5e-3
