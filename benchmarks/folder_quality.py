@@ -2,8 +2,8 @@
 with and without re-ranking (leave-one-out protocol).
 
 The photos are the real ones that ship in scikit-image and scikit-learn (no downloads here). Most have
-one view, so each gets three more "re-photographs" (a perspective warp, crop, light change and JPEG
-re-encoding of the real photo); the motorcycle stereo pair is a genuine second view.
+one view, so each gets three more "re-photographs" (partial views of 45-70% of it under perspective,
+rotation, an occluder, other light and JPEG); the motorcycle stereo pair is a genuine second view.
 
 Run: .venv/bin/python benchmarks/folder_quality.py [--model MODEL_URI]
 It works in a throw-away git repository and ILR_HOME, leaving this checkout alone.
@@ -27,13 +27,22 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_de
 
 
 def rephotograph(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Another photo of the same object: a partial view (45-70% of it, always around its centre),
+    perspective, rotation, an occluder, other light and JPEG."""
     h, w = img.shape[:2]
-    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
-    dst = (src + rng.uniform(-0.12, 0.12, size=(4, 2)) * [w, h]).astype(np.float32)
-    out = cv2.warpPerspective(img, cv2.getPerspectiveTransform(src, dst), (w, h), borderMode=cv2.BORDER_REFLECT)
-    y0, x0 = int(rng.uniform(0, 0.15) * h), int(rng.uniform(0, 0.15) * w)
-    out = out[y0:h - int(rng.uniform(0, 0.15) * h), x0:w - int(rng.uniform(0, 0.15) * w)]
-    out = np.clip(out.astype(np.float32) * rng.uniform(0.7, 1.3) + rng.normal(0, 4, out.shape), 0, 255)
+    cw, ch = int(w * rng.uniform(0.45, 0.7)), int(h * rng.uniform(0.45, 0.7))
+    # the window always holds the central 30% of the photo: views of one object overlap, as real ones do
+    x0 = int(rng.integers(max(0, int(0.65 * w) - cw), min(int(0.35 * w), w - cw) + 1))
+    y0 = int(rng.integers(max(0, int(0.65 * h) - ch), min(int(0.35 * h), h - ch) + 1))
+    src = np.float32([[x0, y0], [x0 + cw, y0], [x0 + cw, y0 + ch], [x0, y0 + ch]])
+    a = np.deg2rad(rng.uniform(-15, 15))
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    dst = (np.float32([[0, 0], [cw, 0], [cw, ch], [0, ch]]) - [cw / 2, ch / 2]) @ rot.T + [cw / 2, ch / 2]
+    dst = (dst + rng.uniform(-0.12, 0.12, size=(4, 2)) * [cw, ch]).astype(np.float32)
+    out = cv2.warpPerspective(img, cv2.getPerspectiveTransform(src, dst), (cw, ch), borderMode=cv2.BORDER_REFLECT)
+    ox, oy = int(rng.integers(0, cw)), int(rng.integers(0, ch))
+    cv2.rectangle(out, (ox, oy), (ox + cw // 5, oy + ch // 3), tuple(int(v) for v in rng.integers(0, 255, 3)), -1)
+    out = np.clip(out.astype(np.float32) * rng.uniform(0.6, 1.4) + rng.normal(0, 4, out.shape), 0, 255)
     return out.astype(np.uint8)
 
 

@@ -72,7 +72,8 @@ class RerankConfig:
     match: str = "mutual"                     # mutual nearest neighbours, and within max_distance
     max_distance: float = 0.9                 # descriptor L2 distance bound (DELG: 0.9-1.0)
     ransac: str = "magsac"                    # magsac | ransac (OpenCV), affine model
-    ransac_threshold_px: float = 20.0
+    ransac_threshold_px: float = 20.0         # at images whose longest side is threshold_reference_px
+    threshold_reference_px: int = 384         # larger images get a proportionally larger threshold
     ransac_iters: int = 1000
     min_inliers: int = 4
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 2))

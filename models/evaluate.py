@@ -48,8 +48,10 @@ def _crop(row, folder: Path) -> np.ndarray:
     return arr
 
 
-def _local(features: list[Features], compact: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [unpack_local(*pack_local(f)) if compact else (f.keypoints, f.descriptors) for f in features]
+def _local(features: list[Features], compact: bool) -> list[tuple]:
+    """(keypoints, descriptors, original size) per image, as stored (int8) when `compact`."""
+    return [(*(unpack_local(*pack_local(f)) if compact else (f.keypoints, f.descriptors)), f.size)
+            for f in features]
 
 
 def rank(q_global: np.ndarray, db_global: np.ndarray, exclude_self: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +71,7 @@ def rerank_orders(orders: np.ndarray, sims: np.ndarray, q_local, db_local, reran
     for qi in range(len(orders)):
         top = orders[qi, :k]
         top = top[np.isfinite(sims[qi, top])]  # leave-one-out: the query itself is not a candidate
-        r = reranker.rerank(*q_local[qi], [db_local[j] for j in top], sims[qi, top])
+        r = reranker.rerank(q_local[qi][0], q_local[qi][1], [db_local[j] for j in top], sims[qi, top])
         new[qi, :len(top)] = top[r.order]
         inl_out[qi, :len(top)] = r.inliers[r.order]
         score_out[qi, :len(top)] = r.scores[r.order]

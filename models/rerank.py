@@ -85,11 +85,20 @@ def mutual_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray], max_dis
     return out
 
 
-def _ransac(q_kp: np.ndarray, c_kp: np.ndarray, m: np.ndarray, cfg: RerankConfig) -> int:
+def threshold_px(cfg: RerankConfig, size: tuple[int, int] | None) -> float:
+    """RANSAC threshold in a candidate's original pixels. Keypoints are located to a feature-map cell of the
+    image as extracted (longest side capped), so a big original needs a proportionally larger threshold."""
+    if size is None:
+        return cfg.ransac_threshold_px
+    return cfg.ransac_threshold_px * max(1.0, max(size) / cfg.threshold_reference_px)
+
+
+def _ransac(q_kp: np.ndarray, c_kp: np.ndarray, m: np.ndarray, cfg: RerankConfig,
+            c_size: tuple[int, int] | None = None) -> int:
     if len(m) < max(3, cfg.min_inliers):
         return 0
     _, mask = cv2.estimateAffine2D(q_kp[m[:, 0]].astype(np.float32), c_kp[m[:, 1]].astype(np.float32),
-                                   method=_METHODS[cfg.ransac], ransacReprojThreshold=cfg.ransac_threshold_px,
+                                   method=_METHODS[cfg.ransac], ransacReprojThreshold=threshold_px(cfg, c_size),
                                    maxIters=cfg.ransac_iters, confidence=0.999)
     n = int(mask.sum()) if mask is not None else 0
     return n if n >= cfg.min_inliers else 0
@@ -100,13 +109,14 @@ class Reranker:
         self.cfg = cfg or RerankConfig()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.workers))
 
-    def inliers(self, q_kp, q_desc, candidates: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Inliers of the query against each (keypoints, descriptors) candidate: batched matching, then
-        RANSAC for the candidates in parallel."""
+    def inliers(self, q_kp, q_desc, candidates: Sequence[tuple]) -> np.ndarray:
+        """Inliers of the query against each candidate — (keypoints, descriptors) or (keypoints, descriptors,
+        (width, height) of the original) — batched matching, then RANSAC for the candidates in parallel."""
         if len(candidates) == 0:
             return np.zeros(0, np.int64)
         matches = mutual_matches_many(q_desc, [c[1] for c in candidates], self.cfg.max_distance)
-        jobs = self._pool.map(lambda cm: _ransac(q_kp, cm[0][0], cm[1], self.cfg), zip(candidates, matches))
+        jobs = self._pool.map(lambda cm: _ransac(q_kp, cm[0][0], cm[1], self.cfg, cm[0][2] if len(cm[0]) > 2 else None),
+                              zip(candidates, matches))
         return np.fromiter(jobs, dtype=np.int64, count=len(candidates))
 
     def rerank(self, q_kp, q_desc, candidates, global_scores: np.ndarray) -> Reranked:
