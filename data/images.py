@@ -15,8 +15,6 @@ from data.errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")  # nothing that shells out (EPS)
-FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
-              "GIF": ".gif", "MPO": ".jpg"}
 
 # We check the pixel count ourselves before decoding, with our own limit; PIL's own guard then only
 # needs to stop what slips past (it raises above twice this value).

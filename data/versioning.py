@@ -28,9 +28,9 @@ import yaml
 
 from data import manifest, synthetic
 from data.config import DataConfig, ilr_home, repo_root
-from data.errors import DataFormatError, ImageError, IlrError, VersioningError
+from data.errors import DataFormatError, ImageError, VersioningError
 from data.formats import Source, get_reader
-from data.images import FORMAT_EXT, IMAGE_EXTENSIONS
+from data.images import IMAGE_EXTENSIONS
 from data.validate import Report, validate
 
 TAG_PREFIX = "ilr-data"

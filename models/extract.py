@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -194,14 +194,3 @@ class Extractor:
         for (i, _, _), f in zip(group, feats):
             results[i] = f
         return len(group)
-
-    def iter_extract(self, images: Iterable, chunk: int = 256):
-        """Extract an arbitrarily long stream in chunks (bounded memory)."""
-        buf = []
-        for img in images:
-            buf.append(img)
-            if len(buf) == chunk:
-                yield from self.extract(buf)
-                buf = []
-        if buf:
-            yield from self.extract(buf)

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from data import manifest
 from data.config import NO_LABEL, ilr_home

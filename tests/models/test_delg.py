@@ -1,6 +1,5 @@
 import math
 
-import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_sample_image

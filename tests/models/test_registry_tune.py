@@ -1,7 +1,4 @@
 """Registry lifecycle on a real SQLite MLflow, and a Ray Tune search on a real local Ray."""
-import signal
-import subprocess
-import sys
 import time
 
 import mlflow
