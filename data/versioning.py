@@ -102,8 +102,10 @@ def ensure_repo(repo: Path) -> None:
         _dvc(repo, "remote", "add", "--local", "--force", "-d", "ilr-local", str(remote))
 
 
-def _has_head(repo: Path) -> bool:
-    return subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=repo, capture_output=True).returncode == 0
+def _head(repo: Path) -> str | None:
+    """The current commit, or None in a repository without commits."""
+    res = subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=repo, capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
 
 
 def store_dir(repo: Path, cfg: DataConfig) -> Path:
@@ -244,7 +246,7 @@ def _commit(staged: Path, name: str, df: pd.DataFrame, fmt: str, repo: Path, cfg
         target.rename(old)
     shutil.move(str(staged), str(target))
     ignore_file = store / ".gitignore"
-    head = _git(repo, "rev-parse", "-q", "--verify", "HEAD").strip() if _has_head(repo) else None
+    head = _head(repo)
     committed = False
     prior = dvc_file.read_text() if dvc_file.exists() else None
     prior_ignore = ignore_file.read_text() if ignore_file.exists() else None

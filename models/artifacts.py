@@ -63,28 +63,3 @@ def download(uri: str) -> Path:
     if not found:
         raise IlrError(f"model {uri!r} holds no {CONFIG}")
     return found[0].parent
-
-
-def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
-    """A model and where it came from. None -> the registered champion (`models:/ilr-delg@champion`) if
-    there is one, else the off-the-shelf ImageNet model; "off-the-shelf"; a folder; or an MLflow URI."""
-    import os
-
-    if model_uri is None:
-        name = os.environ.get("ILR_MODEL_NAME", REGISTERED_MODEL)
-        try:
-            from mlflow import MlflowClient
-
-            from models import tracking
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking.tracking_uri())
-            MlflowClient().get_model_version_by_alias(name, "champion")
-            model_uri = f"models:/{name}@champion"
-        except Exception:
-            return off_the_shelf().to(device), "off-the-shelf"
-    if model_uri == "off-the-shelf":
-        return off_the_shelf().to(device), "off-the-shelf"
-    if Path(model_uri).exists():
-        return load(Path(model_uri), device), str(model_uri)
-    return load(download(model_uri), device), model_uri

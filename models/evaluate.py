@@ -23,7 +23,7 @@ from data.config import NO_LABEL, ilr_home
 from data.errors import IlrError
 from data.images import load_rgb
 from data.versioning import dataset_dir
-from models import artifacts, metrics, tracking
+from models import metrics, registry, tracking
 from models.config import ExtractConfig, RerankConfig, resolve_device
 from models.extract import Extractor, Features, pack_local, unpack_local
 from models.rerank import Reranker, recognition_score
@@ -113,7 +113,7 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
     protocol = info.get("protocol", "labels")
     device = resolve_device(ecfg.device)
     if model is None:
-        model, model_name = artifacts.resolve(model_uri, device)
+        model, model_name = registry.resolve(model_uri, device)
     extractor = Extractor(model, ecfg, device)
     index = df[df["split"] == "index"].reset_index(drop=True)
     if len(index) == 0:

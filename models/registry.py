@@ -85,6 +85,22 @@ def load(alias_or_version: str = "champion", device: str = "cpu") -> tuple[DELG,
     return artifacts.load(model_dir(ref), device), ref
 
 
+def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
+    """A model and where it came from. None -> the current champion as `models:/NAME/<version>` (a
+    concrete version, so callers can tell models apart), else the off-the-shelf ImageNet model;
+    "off-the-shelf"; a folder; or an MLflow URI."""
+    if model_uri is None:
+        version = alias_version("champion")
+        if version is None:
+            return artifacts.off_the_shelf().to(device), "off-the-shelf"
+        model_uri = f"models:/{model_name()}/{version}"
+    if model_uri == "off-the-shelf":
+        return artifacts.off_the_shelf().to(device), "off-the-shelf"
+    if Path(model_uri).exists():
+        return artifacts.load(Path(model_uri), device), str(model_uri)
+    return artifacts.load(model_dir(model_uri), device), model_uri
+
+
 def _tag(version: str, tags: dict) -> None:
     c = client()
     for k, v in tags.items():

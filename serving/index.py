@@ -267,14 +267,12 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
           log_fn: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> BuildResult:
     """Extract the index split of NAME[@VERSION] into a new (or partly built) collection, check its ANN
     recall, then point the live alias at it."""
-    from models import artifacts, registry
+    from models import registry
 
     cfg = cfg or index_config()
     t0 = time.perf_counter()
     version, folder = dataset_dir(dataset)
-    if model_uri is None and registry.alias_version("champion"):
-        model_uri = f"models:/{registry.model_name()}/{registry.alias_version('champion')}"
-    model, model_ref = artifacts.resolve(model_uri)
+    model, model_ref = registry.resolve(model_uri)
     name = collection_name(model_key(model, model_ref), version.name, version.version)
     df = manifest.read(folder)
     rows = df[df["split"] == "index"].reset_index(drop=True)
