@@ -282,7 +282,8 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
-                model: Optional[str] = typer.Option(None, help="model URI; default: champion, else off-the-shelf")):
+                model: Optional[str] = typer.Option(None, help="model URI; default: champion, else off-the-shelf"),
+                engine: str = typer.Option("ray", help="ray (Ray Data map_batches, GPU actors when present) | local")):
     """Extract the index images into a Milvus collection per (model, dataset) version; move `ilr_live`
     to it after an ANN-recall check. Resumable."""
     from rich.progress import Progress
@@ -294,7 +295,7 @@ def index_build(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("extracting", total=None)
             res = build(dataset, model, index_config(), extract_config(), log_fn=console.print,
-                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+                        progress=lambda done, total: bar.update(task, completed=done, total=total), engine=engine)
     except IlrError as e:
         _fail(e)
     console.print(f"collection {res.collection}: {res.total} images ({res.added} added, {res.skipped} already "
@@ -302,6 +303,69 @@ def index_build(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
                   f"{'moved' if res.alias_moved else 'NOT moved'}; model {res.model}")
     if not res.alias_moved:
         raise typer.Exit(1)
+
+
+def _extra_apps(cfg) -> tuple:
+    """Serve apps beside the retrieval graph: the monitoring dashboard at /dashboard."""
+    from monitoring.dashboard import build_dashboard
+
+    return ((build_dashboard(cfg), "dashboard", "/dashboard"),)
+
+
+@app.command("serve")
+def serve_cmd(host: str = typer.Option(None, help="bind address (default 127.0.0.1)"),
+              port: int = typer.Option(None, help="HTTP port (default 8000)"),
+              background: bool = typer.Option(False, "--background", help="detach; stop with `ilr stop`")):
+    """The retrieval service (Ray Serve): /v1/search, /v1/recognize, /v1/index/images, /healthz, /metrics,
+    /docs, and the dashboard at /dashboard. Serves the live index (`ilr index build`) with its model."""
+    from serving import service
+    from serving.config import serve_config
+
+    cfg = serve_config(**{k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    try:
+        if background:
+            args = [*(["--host", host] if host else []), *(["--port", str(port)] if port else [])]
+            url = service.spawn(args, cfg)
+            console.print(f"serving on {url} (docs {url}/docs, dashboard {url}/dashboard/); "
+                          f"logs {ilr_home() / 'logs' / 'serve.log'}; stop with `ilr stop`")
+        else:
+            service.run_forever(cfg, _extra_apps(cfg), log_fn=console.print)
+    except IlrError as e:
+        _fail(e)
+
+
+@app.command("stop")
+def stop_cmd(keep_milvus: bool = typer.Option(False, help="leave the Milvus Lite server running")):
+    """Stop a background `ilr serve` and the workspace's Milvus Lite server."""
+    from serving import service
+
+    stopped = service.stop(milvus=not keep_milvus)
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command("query")
+def query_cmd(image: Path = typer.Argument(..., help="query image file"),
+              top_k: int = typer.Option(10, "--top-k", "-k", help="results to show (1..100)"),
+              rerank: bool = typer.Option(True, help="re-rank with local features"),
+              url: str = typer.Option(None, help="service URL (default $ILR_URL or http://127.0.0.1:8000)")):
+    """Search the running service with an image and print the ranked matches."""
+    from serving.client import Client
+
+    try:
+        res = Client(url).search(image, top_k=top_k, rerank=rerank)
+    except IlrError as e:
+        _fail(e)
+    except Exception as e:  # connection refused and the like
+        err.print(f"[bold red]error:[/] cannot reach the service: {e}\n  hint: start it with `ilr serve --background`")
+        raise typer.Exit(2)
+    table = Table(title=f"{image.name}: model {res['model']}, index {res['index']}")
+    for col in ("rank", "image_id", "label", "global", "inliers", "score"):
+        table.add_column(col, justify="right" if col in ("rank", "global", "inliers", "score") else "left")
+    for r in res["results"]:
+        table.add_row(str(r["rank"]), r["image_id"], r["label"], f"{r['global_score']:.3f}",
+                      "-" if r["inliers"] is None else str(r["inliers"]), f"{r['score']:.3f}")
+    console.print(table)
+    console.print("timings (ms): " + ", ".join(f"{k[:-3]} {v:.0f}" for k, v in res["timings_ms"].items()))
 
 
 @app.command("demo")

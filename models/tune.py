@@ -48,6 +48,16 @@ class TuneConfig:
     })
 
 
+def ensure_ray(dashboard: bool = False) -> None:
+    """Join RAY_ADDRESS when set (a real cluster), else start a local Ray on this machine's cores."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
+                 include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
+
+
 def tune_config(**kw) -> TuneConfig:
     return from_params(TuneConfig, "tune", **kw)
 
@@ -127,10 +137,7 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
     exp_id = tracking.setup(tcfg.experiment)  # created once here: trials only look it up
     os.environ["ILR_HOME"] = str(ilr_home())
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
-                 include_dashboard=False, configure_logging=False)
+    ensure_ray()
     gpus = cfg.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     state_file = storage / name / "ilr_parent_run.txt"
     parent_run_id = state_file.read_text().strip() if resume and state_file.exists() else None

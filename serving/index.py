@@ -50,7 +50,10 @@ def index_config(**kw) -> IndexConfig:
 
 
 def milvus_uri() -> str:
-    return os.environ.get("MILVUS_URI") or str(ilr_home() / "milvus.db")
+    """MILVUS_URI, else this workspace's Milvus Lite server when it runs, else Milvus Lite in-process."""
+    from serving import milvus_server
+
+    return os.environ.get("MILVUS_URI") or milvus_server.running() or str(ilr_home() / "milvus.db")
 
 
 def collection_name(model_version: str, dataset: str, dataset_version: str) -> str:
@@ -64,7 +67,8 @@ class LocalFeatureStore:
     def __init__(self, folder: Path, dim: int | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.folder / "catalog.sqlite", check_same_thread=False)
+        self._db = sqlite3.connect(self.folder / "catalog.sqlite", check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")  # readers in other processes (the service) never block
         self._db.execute("CREATE TABLE IF NOT EXISTS features (image_id TEXT PRIMARY KEY, kp_offset INTEGER, "
                          "desc_offset INTEGER, count INTEGER, row INTEGER, width INTEGER, height INTEGER, "
                          "deleted INTEGER DEFAULT 0)")
@@ -100,19 +104,25 @@ class LocalFeatureStore:
 
     def add(self, image_id: str, f: Features) -> None:
         kp, desc = pack_local(f)
+        self.add_packed(image_id, kp, desc, f.global_desc, f.size)
+
+    def add_packed(self, image_id: str, kp: np.ndarray, desc: np.ndarray, global_desc: np.ndarray,
+                   size: tuple[int, int]) -> None:
+        """Store already packed features (uint16 keypoints, int8 descriptors), as extraction workers send them."""
+        f_global, f_size = np.asarray(global_desc, np.float32), size
         with self._lock, open(self._path(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per store, across processes too
             if self.dim is None:
                 self.dim = desc.shape[1]
             if self.global_dim is None:
-                self.global_dim = len(f.global_desc)
+                self.global_dim = len(f_global)
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                  [("dim", str(self.dim)), ("global_dim", str(self.global_dim))])
             offset = self._append("keypoints.u16", kp) // (2 * 2)
             desc_offset = self._append("descriptors.i8", desc.reshape(-1))
-            row = self._append("global.f32", f.global_desc.astype(np.float32)) // (4 * self.global_dim)
+            row = self._append("global.f32", f_global) // (4 * self.global_dim)
             self._db.execute("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                             (image_id, offset, desc_offset, len(kp), row, int(f.size[0]), int(f.size[1])))
+                             (image_id, offset, desc_offset, len(kp), row, int(f_size[0]), int(f_size[1])))
             self._db.commit()
 
     def _append(self, name: str, arr: np.ndarray) -> int:
@@ -130,6 +140,19 @@ class LocalFeatureStore:
             cached = (size, np.memmap(self._path(name), dtype=dtype, mode="r"))
             self._maps[name] = cached
         return cached[1]
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+
+    def set_meta(self, **values) -> None:
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in values.items()])
+            self._db.commit()
+
+    def size_of(self, image_id: str) -> tuple[int, int] | None:
+        row = self._db.execute("SELECT width, height FROM features WHERE image_id = ? AND deleted = 0",
+                               (image_id,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else None
 
     def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(keypoints float32 [N x 2], descriptors float32 [N x d], unit length)."""
@@ -209,16 +232,19 @@ class VectorIndex:
         stats = self.client.get_collection_stats(self.name)
         return int(stats.get("row_count", 0))
 
-    def point_alias(self, alias: str) -> None:
-        """Create or move `alias` to this collection (atomic for searchers that use the alias)."""
+    def alias_target(self, alias: str) -> str | None:
         quiet = logging.getLogger("pymilvus")
         level, quiet.level = quiet.level, logging.CRITICAL  # a missing alias is expected, not an error
         try:
-            current = self.client.describe_alias(alias).get("collection_name")
+            return self.client.describe_alias(alias).get("collection_name")
         except Exception:
-            current = None
+            return None
         finally:
             quiet.setLevel(level)
+
+    def point_alias(self, alias: str) -> None:
+        """Create or move `alias` to this collection (atomic for searchers that use the alias)."""
+        current = self.alias_target(alias)
         if current is None:
             self.client.create_alias(self.name, alias)
         elif current != self.name:
@@ -263,10 +289,86 @@ def model_key(model, model_ref: str) -> str:
     return f"{prefix}_{h.hexdigest()[:8]}"
 
 
+def store_dir(collection: str) -> Path:
+    return ilr_home() / "local_features" / collection
+
+
+def live(alias: str | None = None, client=None) -> dict | None:
+    """What the alias serves now: {collection, model, dataset, ...} from the collection's store, or None."""
+    alias = alias or index_config().alias
+    index = VectorIndex(client, alias) if client is not None else VectorIndex.connect(alias)
+    name = index.alias_target(alias)
+    if name is None:
+        return None
+    store = LocalFeatureStore(store_dir(name))
+    try:
+        return {"collection": name, **store.meta()}
+    finally:
+        store.close()
+
+
+class _RayExtract:
+    """Ray Data map_batches worker: one model per actor; returns packed features (uint16 / int8)."""
+
+    def __init__(self, model, ecfg, root: str):
+        import torch
+
+        self.extractor = Extractor(model, ecfg, device="cuda" if torch.cuda.is_available() else None)
+        self.root = Path(root)
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        feats = self.extractor.extract([self.root / p for p in batch["path"]])
+        packed = [pack_local(f) for f in feats]
+        return pd.DataFrame({
+            "image_id": batch["image_id"].to_numpy(), "label": batch["label"].to_numpy(),
+            "domain": batch["domain"].to_numpy(),
+            "global": [f.global_desc.astype(np.float32).tobytes() for f in feats],
+            "kp": [k.tobytes() for k, _ in packed], "desc": [d.tobytes() for _, d in packed],
+            "n": [len(k) for k, _ in packed], "width": [f.size[0] for f in feats],
+            "height": [f.size[1] for f in feats]})
+
+
+def _extract_local(todo, folder: Path, model, ecfg, chunk: int):
+    extractor = Extractor(model, ecfg)
+    for start in range(0, len(todo), chunk):
+        part = todo.iloc[start:start + chunk]
+        feats = extractor.extract([folder / p for p in part["path"]])
+        yield [(i, lab, dom, f.global_desc.astype(np.float32), *pack_local(f), f.size)
+               for i, lab, dom, f in zip(part["image_id"], part["label"], part["domain"], feats)]
+
+
+def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, dim_local: int):
+    """Ray Data: a pool of extraction actors (GPU actors when the cluster has GPUs), results streamed back
+    in order of completion; the driver only writes."""
+    import ray
+
+    from models.tune import ensure_ray
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own
+    ctx.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    actors = max(1, int(gpus)) if gpus else 1
+    ds = ray.data.from_pandas(todo[["image_id", "path", "label", "domain"]])
+    ds = ds.map_batches(_RayExtract, fn_constructor_kwargs={"model": model, "ecfg": ecfg, "root": str(folder)},
+                        batch_size=chunk, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=1 if gpus else 0, num_cpus=0.5 if not gpus else 1)
+    for batch in ds.iter_batches(batch_size=chunk, batch_format="pandas", prefetch_batches=1):
+        yield [(r.image_id, r.label, r.domain, np.frombuffer(r["global"], np.float32),
+                np.frombuffer(r.kp, np.uint16).reshape(int(r.n), 2),
+                np.frombuffer(r.desc, np.int8).reshape(int(r.n), -1), (int(r.width), int(r.height)))
+               for _, r in batch.iterrows()]
+
+
 def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = None, ecfg=None,
-          log_fn: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> BuildResult:
+          log_fn: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None,
+          engine: str = "ray", swap: bool = True) -> BuildResult:
     """Extract the index split of NAME[@VERSION] into a new (or partly built) collection, check its ANN
-    recall, then point the live alias at it."""
+    recall, then point the live alias at it. engine: "ray" (Ray Data map_batches) or "local" (in-process)."""
     from models import registry
 
     cfg = cfg or index_config()
@@ -278,31 +380,37 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
     rows = df[df["split"] == "index"].reset_index(drop=True)
     if len(rows) == 0:
         raise IlrError(f"dataset {version.ref} has no index images")
-    store = LocalFeatureStore(ilr_home() / "local_features" / name)
+    store = LocalFeatureStore(store_dir(name))
+    store.set_meta(model=model_ref, dataset=version.ref, dataset_name=version.name,
+                   dataset_version=version.version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     index = VectorIndex.connect(name)
     todo = rows[~rows["image_id"].map(store.__contains__)].reset_index(drop=True)
-    log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}")
-    extractor = Extractor(model, ecfg)
+    log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}"
+           f" ({engine})")
     created = index.client.has_collection(name)
-    for start in range(0, len(todo), cfg.chunk):
-        part = todo.iloc[start:start + cfg.chunk]
-        feats = extractor.extract([folder / p for p in part["path"]])
+    batches = (_extract_ray(todo, folder, model, ecfg, cfg.chunk, 0) if engine == "ray" and len(todo)
+               else _extract_local(todo, folder, model, ecfg, cfg.chunk))
+    done = 0
+    for part in batches:
         if not created:
-            index.create(len(feats[0].global_desc), cfg)
+            index.create(len(part[0][3]), cfg)
             created = True
-        index.insert([{"image_id": i, "label": lab, "domain": dom, "vector": f.global_desc.tolist()}
-                      for i, lab, dom, f in zip(part["image_id"], part["label"], part["domain"], feats)])
-        for i, f in zip(part["image_id"], feats):  # after Milvus: a stored image is fully indexed
-            store.add(i, f)
-        progress and progress(min(start + cfg.chunk, len(todo)), len(todo))
+        index.insert([{"image_id": i, "label": lab, "domain": dom, "vector": g.tolist()}
+                      for i, lab, dom, g, *_ in part])
+        for i, _, _, g, kp, desc, size in part:  # after Milvus: a stored image is fully indexed
+            store.add_packed(i, kp, desc, g, size)
+        done += len(part)
+        progress and progress(done, len(todo))
     ids, vectors = store.global_vectors()
     recall = recall_at_k(index, ids, vectors, cfg.recall_k, cfg.recall_queries, cfg.ef_search)
-    moved = recall >= cfg.min_recall
-    if moved:
-        index.point_alias(cfg.alias)
-        log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} >= {cfg.min_recall}: {cfg.alias} -> {name}")
-    else:
+    moved = False
+    if recall < cfg.min_recall:
         log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} < {cfg.min_recall}: {cfg.alias} not moved")
+    elif swap:
+        index.point_alias(cfg.alias)
+        moved = True
+        log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} >= {cfg.min_recall}: {cfg.alias} -> {name}")
+    store.set_meta(recall=f"{recall:.4f}", count=len(ids))
     store.close()
     return BuildResult(name, len(todo), len(rows) - len(todo), len(ids), recall, moved, model_ref,
                        time.perf_counter() - t0)

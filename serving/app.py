@@ -1,0 +1,537 @@
+"""The Ray Serve retrieval graph: Ingress (FastAPI) -> Extractor (batched) -> Searcher (Milvus) -> Reranker.
+
+Consistency during swaps: every request is answered with one (model, collection) pair — the collection
+the alias `ilr_live` points at and the model that built it (recorded beside the collection). The Ingress
+re-reads the alias every `poll_s`; when it moved, the Extractor loads the new model first and only then do
+new requests switch, so a promotion + index swap drops nothing and never mixes vectors of two models.
+(Serving a freshly promoted champion against vectors made by the old model would return nonsense, so the
+champion goes live together with the index built from it: `ilr index build`, or the Prefect flow
+`build_and_swap_index`. /healthz says when the champion is newer than the index.)
+"""
+
+import asyncio
+import base64
+import binascii
+import collections
+import hmac
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from ray import serve
+
+from data.config import ilr_home
+from data.errors import IlrError
+from serving.config import ServeConfig, api_token, serve_config
+
+ENV_KEYS = ("ILR_HOME", "ILR_PARAMS", "ILR_REPO", "MLFLOW_TRACKING_URI", "MILVUS_URI", "ILR_API_TOKEN")
+
+
+def _apply_env(env: dict) -> None:
+    os.environ.update({k: v for k, v in env.items() if v is not None})
+
+
+def current_env() -> dict:
+    from serving.index import milvus_uri
+
+    env = {k: os.environ.get(k) for k in ENV_KEYS}
+    env["ILR_HOME"] = str(ilr_home())
+    env["MILVUS_URI"] = milvus_uri()
+    if not env.get("MLFLOW_TRACKING_URI"):
+        from models.tracking import tracking_uri
+
+        env["MLFLOW_TRACKING_URI"] = tracking_uri()
+    return env
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        self.status, self.code, self.message = status, code, message
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+class ExtractorWorker:
+    """Holds the models of the live index (and, during a swap, the next one) and extracts in micro-batches."""
+
+    def __init__(self, env: dict, cfg: ServeConfig):
+        _apply_env(env)
+        from models.config import extract_config
+
+        self.cfg, self.ecfg = cfg, extract_config()
+        self.models: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.extract.set_max_batch_size(cfg.batch_size)
+        self.extract.set_batch_wait_timeout_s(cfg.batch_wait_s)
+
+    def _get(self, ref: str):
+        from models import registry
+        from models.extract import Extractor
+
+        if ref not in self.models:
+            model, _ = registry.resolve(ref)
+            self.models[ref] = Extractor(model, self.ecfg)
+            while len(self.models) > 2:  # the live model and the one being swapped in
+                self.models.popitem(last=False)
+        self.models.move_to_end(ref)
+        return self.models[ref]
+
+    async def load(self, ref: str) -> bool:
+        await asyncio.to_thread(self._get, ref)
+        return True
+
+    def _run(self, items: list[tuple[str, np.ndarray]]) -> list[dict]:
+        out: list[dict | None] = [None] * len(items)
+        for ref in dict.fromkeys(r for r, _ in items):
+            idx = [i for i, (r, _) in enumerate(items) if r == ref]
+            feats = self._get(ref).extract([items[i][1] for i in idx])
+            for i, f in zip(idx, feats):
+                out[i] = {"global": f.global_desc.astype(np.float32), "keypoints": f.keypoints.astype(np.float32),
+                          "descriptors": f.descriptors.astype(np.float32), "size": tuple(f.size)}
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def extract(self, items: list[tuple[str, np.ndarray]]) -> list[dict]:
+        return await asyncio.to_thread(self._run, items)
+
+
+class SearcherWorker:
+    """Owns the Milvus client: live-alias lookups, global top-K, and index writes (add / delete)."""
+
+    def __init__(self, env: dict, cfg: ServeConfig):
+        _apply_env(env)
+        from pymilvus import MilvusClient
+
+        from serving.index import index_config
+
+        self.cfg, self.icfg = cfg, index_config()
+        self.client = MilvusClient(os.environ["MILVUS_URI"])
+        self.stores: dict[str, Any] = {}
+        self.loaded: set[str] = set()
+
+    def _store(self, collection: str):
+        from serving.index import LocalFeatureStore, store_dir
+
+        if collection not in self.stores:
+            self.stores[collection] = LocalFeatureStore(store_dir(collection))
+        return self.stores[collection]
+
+    def live(self) -> dict | None:
+        from serving.index import live
+
+        state = live(self.icfg.alias, self.client)
+        if state is not None:
+            state["count"] = len(self._store(state["collection"]).ids())
+        return state
+
+    def search(self, collection: str, vector: np.ndarray, k: int) -> list[dict]:
+        from serving.index import VectorIndex
+
+        if collection not in self.loaded:
+            self.client.load_collection(collection)
+            self.loaded.add(collection)
+        return VectorIndex(self.client, collection).search(vector[None], k, self.icfg.ef_search)[0]
+
+    def exists(self, collection: str, image_id: str) -> bool:
+        return image_id in self._store(collection)
+
+    def add(self, collection: str, image_id: str, label: str, domain: str, feats: dict) -> None:
+        from models.extract import Features, pack_local
+        from serving.index import VectorIndex
+
+        store = self._store(collection)
+        f = Features(feats["global"], feats["keypoints"], feats["descriptors"], np.zeros(0), np.zeros(0),
+                     feats["size"])
+        kp, desc = pack_local(f)
+        VectorIndex(self.client, collection).insert([{"image_id": image_id, "label": label, "domain": domain,
+                                                       "vector": f.global_desc.tolist()}])
+        store.add_packed(image_id, kp, desc, f.global_desc, f.size)
+
+    def delete(self, collection: str, image_id: str) -> bool:
+        from serving.index import VectorIndex
+
+        store = self._store(collection)
+        if image_id not in store:
+            return False
+        VectorIndex(self.client, collection).delete([image_id])
+        return store.delete(image_id)
+
+    def index_sample(self, collection: str, n: int) -> np.ndarray:
+        _, vectors = self._store(collection).global_vectors()
+        if len(vectors) > n:
+            vectors = vectors[np.random.default_rng(0).choice(len(vectors), n, replace=False)]
+        return vectors
+
+
+class RerankerWorker:
+    """Local features of the candidates from the memory-mapped store, mutual matching + MAGSAC, on CPU."""
+
+    def __init__(self, env: dict, cfg: ServeConfig):
+        _apply_env(env)
+        from models.config import rerank_config
+        from models.rerank import Reranker
+
+        self.reranker = Reranker(rerank_config())
+        self.stores: dict[str, Any] = {}
+
+    def rerank(self, collection: str, q: dict, hits: list[dict]) -> list[dict]:
+        from serving.index import LocalFeatureStore, store_dir
+
+        store = self.stores.get(collection)
+        if store is None:
+            store = self.stores[collection] = LocalFeatureStore(store_dir(collection))
+        cands, keep = [], []
+        for h in hits:
+            try:
+                kp, desc = store.get(h["image_id"])
+            except KeyError:  # deleted since the search: keep it, with no inliers
+                kp, desc = np.zeros((0, 2), np.float32), np.zeros((0, store.dim or 1), np.float32)
+            cands.append((kp, desc, store.size_of(h["image_id"])))
+            keep.append(h)
+        r = self.reranker.rerank(q["keypoints"], q["descriptors"], cands,
+                                 np.array([h["score"] for h in keep], np.float32))
+        return [{**keep[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i])} for i in r.order]
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+    buckets = (.005, .01, .025, .05, .1, .25, .5, 1, 2, 3, 5, 10)
+    return reg, {
+        "requests": Counter("ilr_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=reg),
+        "latency": Histogram("ilr_request_seconds", "Request latency", ["endpoint"], buckets=buckets, registry=reg),
+        "stage": Histogram("ilr_stage_seconds", "Latency per stage", ["stage"], buckets=buckets, registry=reg),
+        "inliers": Histogram("ilr_top1_inliers", "Inliers of the top result after re-ranking",
+                             buckets=(0, 4, 8, 15, 30, 50, 70, 100, 200), registry=reg),
+        "top1": Histogram("ilr_top1_score", "Global (cosine) score of the top result",
+                          buckets=tuple(np.round(np.arange(0, 1.01, 0.1), 2)), registry=reg),
+        "no_match": Counter("ilr_no_match", "Recognize answers below the threshold", registry=reg),
+        "index_size": Gauge("ilr_index_images", "Images in the live index", registry=reg),
+        "swaps": Counter("ilr_index_swaps", "Live index / model switches seen by the service", registry=reg),
+    }
+
+
+def make_api():
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    api = FastAPI(title="ilr retrieval service", version="1",
+                  description="Instance-level recognition: DELG global search in Milvus + local-feature "
+                              "geometric re-ranking. Write endpoints need `Authorization: Bearer <token>`.")
+
+    def err(status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+    @api.exception_handler(ApiError)
+    async def _api_error(_, e: ApiError):
+        return err(e.status, e.code, e.message)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):
+        return err(e.status_code, "http_error", str(e.detail))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        return err(422, "invalid_request", "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+
+    return api
+
+
+async def read_body(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ApiError(413, "body_too_large", f"request body of {int(declared)} bytes is over the "
+                                                     f"limit of {limit} bytes")
+        except ValueError:
+            raise ApiError(400, "bad_content_length", "Content-Length is not a number") from None
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette re-reads the cached body for form parsing
+    return body
+
+
+def _as_bool(v, name: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(422, "invalid_parameter", f"{name} must be true or false, got {v!r}")
+
+
+def _as_int(v, name: str) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ApiError(422, "invalid_parameter", f"{name} must be an integer, got {v!r}") from None
+
+
+async def parse_image_request(request, cfg: ServeConfig) -> tuple[bytes, dict]:
+    """(image bytes, other fields) from multipart (field `image`) or JSON ({"image_base64": ...})."""
+    body = await read_body(request, int(cfg.max_body_mb * 1e6))
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    fields: dict = dict(request.query_params)
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form()
+        except Exception as e:
+            raise ApiError(400, "bad_multipart", f"could not parse the multipart body: {e}") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "missing_image", "multipart field `image` (a file) is required")
+        data = await upload.read()
+        fields.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
+    elif ctype == "application/json":
+        try:
+            payload = json.loads(body or b"null")
+        except ValueError as e:
+            raise ApiError(400, "bad_json", f"body is not valid JSON: {e}") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("image_base64"), str):
+            raise ApiError(422, "missing_image", "JSON body needs a string field `image_base64`")
+        try:
+            data = base64.b64decode(payload.pop("image_base64"), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "bad_base64", "`image_base64` is not valid base64") from None
+        fields.update(payload)
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"content type {ctype or '(none)'} is not supported: send multipart/form-data with a "
+                       "file field `image`, or application/json with `image_base64`")
+    if not data:
+        raise ApiError(422, "empty_image", "the image is empty (0 bytes)")
+    return data, fields
+
+
+def decode_image(data: bytes, cfg: ServeConfig) -> np.ndarray:
+    from data.images import decode
+
+    try:
+        return np.asarray(decode(data, "image", max_pixels=cfg.max_pixels, min_side_px=cfg.min_side_px))
+    except IlrError as e:
+        raise ApiError(413 if "too large" in e.what else 422, "bad_image", e.what) from None
+
+
+def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
+    """The bound Serve application (not yet running)."""
+    from fastapi.responses import Response
+
+    cfg = cfg or serve_config()
+    env = env or current_env()
+    api = make_api()
+    body_doc = {"requestBody": {"content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "maximum": cfg.max_top_k},
+            "rerank": {"type": "boolean"}}}},
+        "application/json": {"schema": {"type": "object", "required": ["image_base64"], "properties": {
+            "image_base64": {"type": "string"}, "top_k": {"type": "integer"}, "rerank": {"type": "boolean"}}}}}}}
+    add_doc = {"requestBody": {"content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", "image_id"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "image_id": {"type": "string"},
+            "label": {"type": "string"}, "domain": {"type": "string"}}}}}}}
+
+    opts = {"num_cpus": cfg.num_cpus}
+    Extractor = serve.deployment(ExtractorWorker, name="Extractor", ray_actor_options={
+        **opts, "num_gpus": cfg.extractor_gpus}, max_ongoing_requests=32)
+    Searcher = serve.deployment(SearcherWorker, name="Searcher", ray_actor_options=opts, max_ongoing_requests=64)
+    Reranker = serve.deployment(RerankerWorker, name="Reranker", ray_actor_options=opts, max_ongoing_requests=16)
+
+    @serve.deployment(name="Ingress", ray_actor_options=opts, max_ongoing_requests=64)
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, extractor, searcher, reranker, env: dict, cfg: ServeConfig):
+            _apply_env(env)
+            self.extractor, self.searcher, self.reranker, self.cfg = extractor, searcher, reranker, cfg
+            self.token = api_token()
+            self.registry, self.m = _metrics()
+            self.state: dict | None = None
+            self.checked = 0.0
+            self.lock = asyncio.Lock()
+            self.recent: collections.deque = collections.deque(maxlen=cfg.recent_embeddings)
+            self.started = time.time()
+
+        async def _live(self) -> dict:
+            if time.monotonic() - self.checked > self.cfg.poll_s:
+                async with self.lock:
+                    if time.monotonic() - self.checked > self.cfg.poll_s:
+                        state = await self.searcher.live.remote()
+                        if state and (self.state is None or state["collection"] != self.state["collection"]):
+                            await self.extractor.load.remote(state["model"])  # warm before switching
+                            if self.state is not None:
+                                self.m["swaps"].inc()
+                        self.state = state or self.state
+                        self.checked = time.monotonic()
+                        if self.state:
+                            self.m["index_size"].set(self.state.get("count", 0))
+            if self.state is None:
+                raise ApiError(503, "no_index", "no live index yet: run `ilr index build --dataset NAME`")
+            return self.state
+
+        def _auth(self, request: Request) -> None:
+            got = request.headers.get("authorization", "")
+            if not got.lower().startswith("bearer ") or not hmac.compare_digest(got[7:].strip(), self.token):
+                raise ApiError(401, "unauthorized", "this endpoint needs `Authorization: Bearer <token>` "
+                                                    "(ILR_API_TOKEN or $ILR_HOME/api-token)")
+
+        async def _features(self, data: bytes, state: dict, timings: dict) -> dict:
+            t = time.perf_counter()
+            image = await asyncio.to_thread(decode_image, data, self.cfg)
+            timings["decode_ms"] = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            q = await self.extractor.extract.remote((state["model"], image))
+            timings["extract_ms"] = (time.perf_counter() - t) * 1000
+            return q
+
+        async def _search(self, request: Request, endpoint: str) -> dict:
+            t0 = time.perf_counter()
+            timings: dict[str, float] = {}
+            data, fields = await parse_image_request(request, self.cfg)
+            top_k = _as_int(fields.get("top_k", self.cfg.default_top_k), "top_k")
+            if not 1 <= top_k <= self.cfg.max_top_k:
+                raise ApiError(422, "invalid_parameter", f"top_k must be between 1 and {self.cfg.max_top_k}, "
+                                                         f"got {top_k}")
+            rerank = _as_bool(fields.get("rerank", True), "rerank")
+            state = await self._live()
+            q = await self._features(data, state, timings)
+            self.recent.append(q["global"])
+            t = time.perf_counter()
+            hits = await self.searcher.search.remote(state["collection"], q["global"],
+                                                     max(top_k, self.cfg.candidates) if rerank else top_k)
+            timings["search_ms"] = (time.perf_counter() - t) * 1000
+            if rerank and hits:
+                t = time.perf_counter()
+                hits = await self.reranker.rerank.remote(state["collection"], q, hits)
+                timings["rerank_ms"] = (time.perf_counter() - t) * 1000
+            else:
+                from models.rerank import recognition_score
+
+                hits = [{**h, "inliers": None, "final_score": float(recognition_score(np.zeros(1), np.array([h["score"]]))[0])}
+                        for h in hits]
+            hits = hits[:top_k]
+            timings["total_ms"] = (time.perf_counter() - t0) * 1000
+            for k, v in timings.items():
+                if k != "total_ms":
+                    self.m["stage"].labels(k[:-3]).observe(v / 1000)
+            if hits:
+                self.m["top1"].observe(hits[0]["score"])
+                if hits[0]["inliers"] is not None:
+                    self.m["inliers"].observe(hits[0]["inliers"])
+            return {"model": state["model"], "index": state["collection"], "dataset": state.get("dataset"),
+                    "rerank": rerank, "timings_ms": {k: round(v, 2) for k, v in timings.items()},
+                    "results": [{"rank": i + 1, "image_id": h["image_id"], "label": h["label"],
+                                 "domain": h["domain"], "global_score": round(h["score"], 5),
+                                 "inliers": h["inliers"], "score": round(h["final_score"], 5)}
+                                for i, h in enumerate(hits)]}
+
+        async def _measure(self, endpoint: str, coro):
+            t = time.perf_counter()
+            status = 500
+            try:
+                out = await coro
+                status = 200
+                return out
+            except ApiError as e:
+                status = e.status
+                raise
+            finally:
+                self.m["requests"].labels(endpoint, str(status)).inc()
+                self.m["latency"].labels(endpoint).observe(time.perf_counter() - t)
+
+        @api.post("/v1/search", openapi_extra=body_doc, summary="Ranked matches for a query image")
+        async def search(self, request: Request):
+            return await self._measure("search", self._search(request, "search"))
+
+        @api.post("/v1/recognize", openapi_extra=body_doc, summary="Recognised label (or no match), GLDv2 style")
+        async def recognize(self, request: Request):
+            async def run():
+                res = await self._search(request, "recognize")
+                top = res["results"][0] if res["results"] else None
+                from data.config import NO_LABEL
+
+                matched = top is not None and top["score"] >= self.cfg.no_match_threshold and top["label"] != NO_LABEL
+                if not matched:
+                    self.m["no_match"].inc()
+                return {"match": matched, "label": top["label"] if matched else None,
+                        "confidence": top["score"] if top else 0.0, "threshold": self.cfg.no_match_threshold,
+                        "best": top, "model": res["model"], "index": res["index"], "timings_ms": res["timings_ms"]}
+            return await self._measure("recognize", run())
+
+        @api.post("/v1/index/images", status_code=201, openapi_extra=add_doc, summary="Add an image to the live index")
+        async def add_image(self, request: Request):
+            async def run():
+                from data.manifest import check_image_id
+
+                self._auth(request)
+                data, fields = await parse_image_request(request, self.cfg)
+                try:
+                    image_id = check_image_id(fields.get("image_id"), "image_id")
+                except IlrError as e:
+                    raise ApiError(422, "bad_image_id", e.what) from None
+                label = str(fields.get("label") or "__none__")[:256]
+                domain = str(fields.get("domain") or "other")[:32]
+                state = await self._live()
+                if await self.searcher.exists.remote(state["collection"], image_id):
+                    raise ApiError(409, "duplicate_id", f"image_id {image_id!r} is already in the index "
+                                                        f"(DELETE it first to replace it)")
+                q = await self._features(data, state, {})
+                await self.searcher.add.remote(state["collection"], image_id, label, domain, q)
+                return {"image_id": image_id, "label": label, "domain": domain, "index": state["collection"]}
+            return await self._measure("index_add", run())
+
+        @api.delete("/v1/index/images/{image_id}", summary="Remove an image from the live index")
+        async def delete_image(self, image_id: str, request: Request):
+            async def run():
+                self._auth(request)
+                state = await self._live()
+                if not await self.searcher.delete.remote(state["collection"], image_id):
+                    raise ApiError(404, "not_found", f"image_id {image_id!r} is not in the live index")
+                return {"deleted": image_id, "index": state["collection"]}
+            return await self._measure("index_delete", run())
+
+        @api.get("/healthz", summary="Liveness plus the model and index versions served now")
+        async def healthz(self):
+            from models import registry
+
+            try:
+                state = await self._live()
+            except ApiError as e:
+                return {"status": "no_index", "message": e.message}
+            champion = await asyncio.to_thread(registry.alias_version, "champion")
+            live_model = state["model"]
+            return {"status": "ok", "model": live_model, "index": state["collection"],
+                    "dataset": state.get("dataset"), "images": state.get("count"),
+                    "champion": f"models:/{registry.model_name()}/{champion}" if champion else None,
+                    "champion_pending_index": bool(champion) and not live_model.endswith(f"/{champion}"),
+                    "uptime_s": round(time.time() - self.started, 1)}
+
+        @api.get("/metrics", summary="Prometheus metrics")
+        async def metrics(self):
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        @api.get("/v1/monitoring/embeddings", summary="Recent query descriptors and an index sample (for drift)")
+        async def embeddings(self, request: Request, n: int = 500):
+            self._auth(request)
+            state = await self._live()
+            sample = await self.searcher.index_sample.remote(state["collection"], n)
+            return {"index": state["collection"], "queries": [v.round(5).tolist() for v in list(self.recent)[-n:]],
+                    "index_sample": sample.round(5).tolist()}
+
+    return Ingress.bind(Extractor.bind(env, cfg), Searcher.bind(env, cfg), Reranker.bind(env, cfg), env, cfg)

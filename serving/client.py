@@ -1,0 +1,75 @@
+"""A small Python client of the retrieval service."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from data.errors import IlrError
+
+
+class ServiceError(IlrError):
+    def __init__(self, status: int, code: str, message: str):
+        self.status, self.code = status, code
+        super().__init__(f"HTTP {status} {code}: {message}")
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0):
+        import httpx
+
+        self.url = (url or os.environ.get("ILR_URL") or "http://127.0.0.1:8000").rstrip("/")
+        self.token = token
+        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def _check(self, r):
+        if r.status_code >= 400:
+            try:
+                e = r.json()["error"]
+                raise ServiceError(r.status_code, e["code"], e["message"])
+            except (ValueError, KeyError, TypeError):
+                raise ServiceError(r.status_code, "http_error", r.text[:300]) from None
+        return r.json()
+
+    @staticmethod
+    def _image(image) -> tuple[str, bytes]:
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            try:
+                return path.name, path.read_bytes()
+            except FileNotFoundError:
+                raise IlrError("file not found", where=str(path)) from None
+        return "image", bytes(image)
+
+    def search(self, image, top_k: int = 10, rerank: bool = True) -> dict:
+        name, data = self._image(image)
+        return self._check(self.http.post("/v1/search", files={"image": (name, data)},
+                                          data={"top_k": str(top_k), "rerank": str(rerank).lower()}))
+
+    def recognize(self, image) -> dict:
+        name, data = self._image(image)
+        return self._check(self.http.post("/v1/recognize", files={"image": (name, data)}))
+
+    def _auth(self) -> dict:
+        from serving.config import api_token
+
+        return {"Authorization": f"Bearer {self.token or api_token()}"}
+
+    def add(self, image, image_id: str, label: str | None = None, domain: str | None = None) -> dict:
+        name, data = self._image(image)
+        fields = {"image_id": image_id, **({"label": label} if label else {}), **({"domain": domain} if domain else {})}
+        return self._check(self.http.post("/v1/index/images", files={"image": (name, data)}, data=fields,
+                                          headers=self._auth()))
+
+    def delete(self, image_id: str) -> dict:
+        return self._check(self.http.delete(f"/v1/index/images/{image_id}", headers=self._auth()))
+
+    def health(self) -> dict:
+        return self._check(self.http.get("/healthz"))
+
+    def embeddings(self, n: int = 500) -> dict:
+        return self._check(self.http.get("/v1/monitoring/embeddings", params={"n": n}, headers=self._auth()))
+
+    def metrics(self) -> str:
+        r = self.http.get("/metrics")
+        r.raise_for_status()
+        return r.text

@@ -1,0 +1,120 @@
+"""A Milvus Lite server for this workspace, so that several processes share one index.
+
+Milvus Lite opened in-process (`MilvusClient(path)`) locks its data dir: the service's Searcher and an
+`ilr index build` could not both use it. `ensure()` starts `milvus-lite server` on 127.0.0.1 over the
+same data dir ($ILR_HOME/milvus.db), in the background, and records its URI; `milvus_uri()` in
+serving.index then prefers it. With `MILVUS_URI` set (a Milvus standalone or cluster) nothing is started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data.config import ilr_home
+from data.errors import IlrError
+
+STATE = "milvus-server.json"
+_children: dict[int, subprocess.Popen] = {}
+
+
+def _state_path() -> Path:
+    return ilr_home() / STATE
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex((host, port)) == 0
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise IlrError("no free port for the Milvus Lite server")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def running() -> str | None:
+    """URI of this workspace's Milvus Lite server when it runs, else None."""
+    path = _state_path()
+    if not path.exists():
+        return None
+    try:
+        st = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if _alive(st["pid"]) and _port_open("127.0.0.1", st["port"]):
+        return st["uri"]
+    return None
+
+
+def ensure(port: int = 19530, timeout_s: float = 60.0) -> str:
+    """Start the server unless MILVUS_URI is set or it already runs; return the URI to use."""
+    if os.environ.get("MILVUS_URI"):
+        return os.environ["MILVUS_URI"]
+    uri = running()
+    if uri:
+        return uri
+    home = ilr_home()
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    port = _free_port(port)
+    exe = Path(sys.executable).with_name("milvus-lite")
+    cmd = [str(exe) if exe.exists() else "milvus-lite", "server", "--data-dir", str(home / "milvus.db"),
+           "--host", "127.0.0.1", "--port", str(port)]
+    log = open(home / "logs" / "milvus.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)  # outlives the command that started it
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise IlrError(f"the Milvus Lite server exited with code {proc.returncode}",
+                           where=str(home / "logs" / "milvus.log"),
+                           hint="another process may hold the data dir (an `ilr` command still running?)")
+        if _port_open("127.0.0.1", port):
+            uri = f"http://127.0.0.1:{port}"
+            _state_path().write_text(json.dumps({"pid": proc.pid, "port": port, "uri": uri}))
+            _children[proc.pid] = proc
+            return uri
+        time.sleep(0.2)
+    proc.kill()
+    raise IlrError(f"the Milvus Lite server did not start within {timeout_s:.0f} s",
+                   where=str(home / "logs" / "milvus.log"))
+
+
+def stop() -> bool:
+    path = _state_path()
+    if not path.exists():
+        return False
+    st = json.loads(path.read_text())
+    path.unlink()
+    child = _children.pop(st["pid"], None)
+    if child is not None:
+        child.terminate()
+        child.wait(timeout=10)
+        return True
+    if _alive(st["pid"]):
+        os.kill(st["pid"], signal.SIGTERM)
+        for _ in range(50):
+            if not _alive(st["pid"]):
+                break
+            time.sleep(0.1)
+        return True
+    return False

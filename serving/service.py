@@ -1,0 +1,129 @@
+"""Run the retrieval service: start (in this process), in the background (a detached `ilr serve`), stop."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data.config import ilr_home
+from data.errors import IlrError
+from serving import milvus_server
+from serving.config import ServeConfig, serve_config
+
+STATE = "serve.json"
+
+
+def url_of(cfg: ServeConfig) -> str:
+    return f"http://{cfg.host}:{cfg.port}"
+
+
+def wait_healthy(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None,
+                 need_index: bool = False) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise IlrError(f"the service exited with code {proc.returncode}", where=str(ilr_home() / "logs" / "serve.log"))
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=5)
+            if r.status_code == 200 and (not need_index or r.json().get("status") == "ok"):
+                return r.json()
+            last = r.text[:200]
+        except httpx.HTTPError as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise IlrError(f"the service at {url} is not healthy after {timeout_s:.0f} s ({last})")
+
+
+def start(cfg: ServeConfig | None = None, extra_apps: tuple = ()) -> str:
+    """Start Ray (RAY_ADDRESS or local, with its dashboard), the Milvus Lite server (unless MILVUS_URI), and
+    the Serve graph plus any extra Serve apps [(app, name, route_prefix)]; returns the base URL."""
+    from ray import serve
+
+    from models.tune import ensure_ray
+    from serving.app import build_app, current_env
+
+    cfg = cfg or serve_config()
+    milvus_server.ensure()
+    ensure_ray(dashboard=True)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    env = current_env()
+    serve.run(build_app(cfg, env), name=cfg.app_name, route_prefix="/", blocking=False)
+    for app, name, prefix in extra_apps:
+        serve.run(app, name=name, route_prefix=prefix, blocking=False)
+    url = url_of(cfg)
+    wait_healthy(url)
+    return url
+
+
+def run_forever(cfg: ServeConfig, extra_apps: tuple = (), log_fn=print) -> None:
+    """`ilr serve` in the foreground: serve until SIGINT/SIGTERM, then shut Serve down."""
+    from ray import serve
+
+    url = start(cfg, extra_apps)
+    state = ilr_home() / STATE
+    state.write_text(json.dumps({"pid": os.getpid(), "url": url}))
+    log_fn(f"serving on {url} (OpenAPI docs {url}/docs); Ctrl-C or `ilr stop` to stop")
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        while not stopping:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        if state.exists() and json.loads(state.read_text()).get("pid") == os.getpid():
+            state.unlink()
+
+
+def running() -> dict | None:
+    path = ilr_home() / STATE
+    if not path.exists():
+        return None
+    st = json.loads(path.read_text())
+    try:
+        os.kill(st["pid"], 0)
+    except ProcessLookupError:
+        return None
+    return st
+
+
+def spawn(args: list[str], cfg: ServeConfig, timeout_s: float = 300.0) -> str:
+    """Start `ilr serve ARGS` detached (logs in $ILR_HOME/logs/serve.log) and wait until it answers."""
+    st = running()
+    if st:
+        return st["url"]
+    (ilr_home() / "logs").mkdir(parents=True, exist_ok=True)
+    milvus_server.ensure()  # owned by no service: index builds keep working while the service restarts
+    exe = Path(sys.executable).with_name("ilr")
+    log = open(ilr_home() / "logs" / "serve.log", "ab")
+    proc = subprocess.Popen([str(exe) if exe.exists() else "ilr", "serve", *args], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "ILR_HOME": str(ilr_home())})
+    url = url_of(cfg)
+    wait_healthy(url, timeout_s, proc)
+    return url
+
+
+def stop(milvus: bool = True) -> list[str]:
+    stopped = []
+    st = running()
+    if st:
+        os.kill(st["pid"], signal.SIGTERM)
+        for _ in range(120):
+            try:
+                os.kill(st["pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        stopped.append(f"service (pid {st['pid']})")
+    if milvus and milvus_server.stop():
+        stopped.append("Milvus Lite server")
+    return stopped

@@ -1,0 +1,233 @@
+"""The Ray Serve retrieval graph on a real local Ray, a real Milvus Lite server and a real MLflow registry."""
+import base64
+import io
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import manifest
+from data.config import NO_LABEL
+from data.versioning import dataset_dir, ingest
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_synthetic):
+    """tiny ingested and indexed (off-the-shelf model), the service running on a free loopback port."""
+    from ray import serve
+
+    from serving import milvus_server, service
+    from serving.config import serve_config
+    from serving.index import build
+
+    root = tmp_path_factory.mktemp("svc")
+    repo = root / "repo"
+    repo.mkdir()
+    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "i"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    saved = {k: os.environ.get(k) for k in ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "ILR_API_TOKEN")}
+    os.environ.update(ILR_REPO=str(repo), ILR_HOME=str(root / "home"), ILR_PARAMS=str(root / "none.yaml"),
+                      ILR_API_TOKEN="test-token")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+    milvus_server.ensure()
+    build("tiny", log_fn=lambda *_: None, engine="local")
+    cfg = serve_config(port=_free_port(), max_body_mb=2.0)
+    url = service.start(cfg)
+    folder = dataset_dir("tiny")[1]
+    df = manifest.read(folder)
+    yield {"url": url, "folder": folder, "df": df, "http": httpx.Client(base_url=url, timeout=120)}
+    serve.shutdown()
+    milvus_server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _queries(svc):
+    df = svc["df"]
+    return df[(df["split"] == "query") & (df["label"] != NO_LABEL)]
+
+
+def _img_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _assert_error(r, status):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body["error"]) == {"code", "message"} and body["error"]["message"]
+
+
+def test_search_client_and_cli(service):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from serving.client import Client
+
+    q = _queries(service)
+    client = Client(service["url"])
+    top1 = []
+    for _, row in q.iterrows():
+        res = client.search(service["folder"] / row["path"], top_k=5)
+        assert len(res["results"]) == 5 and res["model"] == "off-the-shelf" and res["index"].startswith("ilr_m")
+        assert {"decode_ms", "extract_ms", "search_ms", "rerank_ms", "total_ms"} <= set(res["timings_ms"])
+        assert res["results"][0]["inliers"] is not None
+        top1.append(res["results"][0]["label"] == row["label"])
+    assert np.mean(top1) >= 0.75
+    # JSON + base64, no re-ranking
+    data = (service["folder"] / q.iloc[0]["path"]).read_bytes()
+    r = service["http"].post("/v1/search", json={"image_base64": base64.b64encode(data).decode(), "top_k": 3,
+                                                 "rerank": False})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3 and r.json()["results"][0]["inliers"] is None
+    rec = client.recognize(service["folder"] / q.iloc[0]["path"])
+    assert rec["match"] and rec["label"] == q.iloc[0]["label"] and rec["confidence"] >= rec["threshold"]
+    # a featureless image: no match
+    flat = _img_bytes(Image.new("RGB", (200, 160), (128, 128, 128)), "PNG")
+    assert client.recognize(flat)["match"] is False
+    out = CliRunner().invoke(app, ["query", str(service["folder"] / q.iloc[0]["path"]), "--top-k", "3",
+                                   "--url", service["url"]])
+    assert out.exit_code == 0, out.output
+    assert q.iloc[0]["label"] in out.output and "inliers" in out.output
+    health = client.health()
+    assert health["status"] == "ok" and health["images"] > 0
+    metrics = client.metrics()
+    assert 'ilr_requests_total{endpoint="search",status="200"}' in metrics and "ilr_stage_seconds" in metrics
+    assert service["http"].get("/openapi.json").json()["paths"]["/v1/search"]
+
+
+def test_bad_input_gets_4xx_json_and_service_keeps_serving(service):
+    http = service["http"]
+    good = (service["folder"] / _queries(service).iloc[0]["path"]).read_bytes()
+    bomb = _img_bytes(Image.new("L", (10_000, 10_000)), "PNG")  # 100 MP, a few KB
+    cases = {
+        "not an image": (lambda: http.post("/v1/search", files={"image": ("x.jpg", b"hello, not an image")}), 422),
+        "truncated": (lambda: http.post("/v1/search", files={"image": ("t.jpg", good[: len(good) // 3])}), 422),
+        "over the size limit": (lambda: http.post("/v1/search", files={"image": ("b.jpg", b"\xff" * 3_000_000)}), 413),
+        "decompression bomb": (lambda: http.post("/v1/search", files={"image": ("bomb.png", bomb)}), 413),
+        "1x1 px": (lambda: http.post("/v1/search", files={"image": ("p.png", _img_bytes(Image.new("RGB", (1, 1)), "PNG"))}), 422),
+        "empty body": (lambda: http.post("/v1/search", content=b"", headers={"content-type": "application/json"}), 422),
+        "empty file": (lambda: http.post("/v1/search", files={"image": ("e.jpg", b"")}), 422),
+        "wrong content type": (lambda: http.post("/v1/search", content=good, headers={"content-type": "image/jpeg"}), 415),
+        "bad base64": (lambda: http.post("/v1/search", json={"image_base64": "***"}), 422),
+        "top_k 0": (lambda: http.post("/v1/search", files={"image": ("q.jpg", good)}, data={"top_k": "0"}), 422),
+        "top_k 101": (lambda: http.post("/v1/search", files={"image": ("q.jpg", good)}, data={"top_k": "101"}), 422),
+        "top_k text": (lambda: http.post("/v1/search", files={"image": ("q.jpg", good)}, data={"top_k": "ten"}), 422),
+        "no token": (lambda: http.post("/v1/index/images", files={"image": ("q.jpg", good)}, data={"image_id": "x1"}), 401),
+        "wrong token": (lambda: http.delete("/v1/index/images/x1", headers={"Authorization": "Bearer nope"}), 401),
+        "unknown path": (lambda: http.get("/v1/nothing"), 404),
+    }
+    for name, (call, status) in cases.items():
+        r = call()
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+        _assert_error(r, status)
+    assert http.get("/healthz").json()["status"] == "ok"
+    assert http.post("/v1/search", files={"image": ("q.jpg", good)}).status_code == 200
+
+
+def test_image_variants_work(service):
+    img = Image.open(service["folder"] / _queries(service).iloc[0]["path"]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    variants = {
+        "cmyk": _img_bytes(img.convert("CMYK"), "JPEG"),
+        "16-bit": _img_bytes(Image.fromarray((np.asarray(img.convert("L")).astype(np.uint16) * 257)), "PNG"),
+        "grayscale": _img_bytes(img.convert("L"), "JPEG"),
+        "palette": _img_bytes(img.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "exif rotated": _img_bytes(img.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif),
+        "rgba webp": _img_bytes(img.convert("RGBA"), "WEBP"),
+    }
+    for name, data in variants.items():
+        r = service["http"].post("/v1/search", files={"image": (name, data)}, data={"top_k": "3"})
+        assert r.status_code == 200, f"{name}: {r.text}"
+
+
+def test_index_add_delete_with_token(service):
+    from serving.client import Client, ServiceError
+
+    client = Client(service["url"], token="test-token")
+    q = _queries(service).iloc[1]
+    before = client.health()["images"]
+    added = client.add(service["folder"] / q["path"], "new-photo-1", label="my-label", domain="artwork")
+    assert added["image_id"] == "new-photo-1"
+    time.sleep(1.2)  # health is re-read every poll_s
+    assert client.health()["images"] == before + 1
+    res = client.search(service["folder"] / q["path"], top_k=3)
+    assert res["results"][0]["image_id"] == "new-photo-1" and res["results"][0]["label"] == "my-label"
+    with pytest.raises(ServiceError) as dup:
+        client.add(service["folder"] / q["path"], "new-photo-1")
+    assert dup.value.status == 409
+    for bad in ("../etc/passwd", "a/b", ".hidden", "x" * 300):
+        r = service["http"].post("/v1/index/images", files={"image": ("q.jpg", b"x")}, data={"image_id": bad},
+                                 headers={"Authorization": "Bearer test-token"})
+        assert r.status_code == 422, (bad, r.text)
+    assert client.delete("new-photo-1")["deleted"] == "new-photo-1"
+    with pytest.raises(ServiceError) as missing:
+        client.delete("new-photo-1")
+    assert missing.value.status == 404
+    res = client.search(service["folder"] / q["path"], top_k=3)
+    assert "new-photo-1" not in {r["image_id"] for r in res["results"]}
+
+
+@pytest.mark.e2e
+def test_promotion_and_index_swap_under_load_lose_no_request(service):
+    """A new champion is registered and promoted, its index is built and the alias swapped while clients
+    keep querying: every request succeeds and answers switch to the new model."""
+    import mlflow
+
+    from models import registry, tracking
+    from models.artifacts import off_the_shelf
+    from serving.index import build
+
+    data = (service["folder"] / _queries(service).iloc[0]["path"]).read_bytes()
+    results, stop = [], threading.Event()
+
+    def load():
+        with httpx.Client(base_url=service["url"], timeout=60) as http:
+            for _ in range(400):  # bounded in count and in time
+                if stop.is_set():
+                    break
+                r = http.post("/v1/search", files={"image": ("q.jpg", data)}, data={"top_k": "5"})
+                results.append((r.status_code, r.json().get("model")))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        tracking.setup("tests")
+        with mlflow.start_run():
+            info = registry.log_model(off_the_shelf(), tracking.ilr_home() / "m" / "v")
+        version = registry.register(info.model_uri, {"kind": "copy"})
+        registry.promote(version)
+        assert registry.alias_version("champion") == version
+        res = build("tiny", log_fn=lambda *_: None, engine="local")
+        assert res.alias_moved and res.model.endswith(f"/{version}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(m and m.endswith(f"/{version}") for _, m in results[-3:]):
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    statuses = [s for s, _ in results]
+    assert statuses and all(s == 200 for s in statuses), statuses
+    models = [m for _, m in results]
+    assert models[0] == "off-the-shelf" and models[-1].endswith(f"/{version}")
+    health = httpx.get(f"{service['url']}/healthz").json()
+    assert health["champion_pending_index"] is False
