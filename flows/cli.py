@@ -370,25 +370,77 @@ def query_cmd(image: Path = typer.Argument(..., help="query image file"),
 
 @app.command("demo")
 def demo(size: str = typer.Option(None, help="synthetic size (default: params.yaml demo.size)"),
-         seed: int = typer.Option(None, help="generator seed (default: params.yaml demo.seed)")):
-    """The whole lifecycle on the embedded dataset (today: generate, ingest, validate, version)."""
-    from data.versioning import ingest
+         seed: int = typer.Option(None, help="generator seed (default: params.yaml demo.seed)"),
+         port: int = typer.Option(None, help="service port (default: params.yaml serve.port)"),
+         trials: int = typer.Option(None, help="Ray Tune trials (default: params.yaml demo.trials)"),
+         steps: int = typer.Option(None, help="training steps per trial (default: params.yaml demo.steps)"),
+         second_version: bool = typer.Option(True, help="then register a second dataset version and retrain")):
+    """The whole lifecycle on the embedded dataset, through the Prefect flows: generate, ingest, validate,
+    version -> tune -> register -> gate -> promote -> index -> serve -> queries + canary -> dashboard ->
+    a second dataset version fires the retrain trigger. Leaves the service running (`ilr stop`)."""
+    from flows.demo import run_demo
 
     cfg = params("demo")
-    size = size or cfg.get("size", "small")
-    seed = seed if seed is not None else int(cfg.get("seed", 0))
-    name = f"synthetic-{size}"
-    console.rule(f"ilr demo: {name}")
-    console.print(f"workspace: {ilr_home()}")
+    console.rule("ilr demo")
     try:
-        t0 = time.perf_counter()
-        version, report = ingest("synthetic", size, name, _data_cfg(), log=console.print, seed=seed)
+        run_demo(size or cfg.get("size", "small"), seed if seed is not None else int(cfg.get("seed", 0)),
+                 port or int(params("serve").get("port", 8000)), trials or cfg.get("trials"), steps or cfg.get("steps"),
+                 second_version, console)
     except IlrError as e:
         _fail(e)
-    console.print(f"dataset [bold]{version.ref}[/] (git {version.git_rev[:10]}, dvc {version.dvc_md5})"
-                  f"{' unchanged' if version.unchanged else ''} in {time.perf_counter() - t0:.1f}s")
-    console.print(f"validation report: Data Docs {report.docs_path}")
-    console.print(f"list versions: ilr data versions {name}")
+
+
+flows_app = typer.Typer(no_args_is_help=True, help="Prefect deployments of the lifecycle flows.")
+app.add_typer(flows_app, name="flows")
+
+
+@flows_app.command("serve")
+def flows_serve(monitor_every_s: int = typer.Option(600, help="monitor flow interval"),
+                retrain_cron: str = typer.Option("0 3 * * 0", help="scheduled retrain (cron)")):
+    """Register the deployments (schedules + event triggers) on a Prefect server and run them: starts a
+    local `prefect server` when PREFECT_API_URL is not set."""
+    from flows.deployments import serve_deployments
+
+    try:
+        serve_deployments(monitor_every_s, retrain_cron, log_fn=console.print)
+    except IlrError as e:
+        _fail(e)
+
+
+@app.command("retrain")
+def retrain_cmd(dataset: str = typer.Option(None, help="NAME[@VERSION] (default: params.yaml pipeline.dataset)"),
+                reason: str = typer.Option("manual", help="why (recorded with the run)"),
+                trials: int = typer.Option(None), steps: int = typer.Option(None),
+                record: bool = typer.Option(True, help="record the trigger (off when a trigger started this run)")):
+    """Run the retrain flow now: tune -> challenger -> gate -> promote -> index -> refresh serving."""
+    from flows import lifecycle
+
+    dataset = dataset or params("pipeline").get("dataset")
+    try:
+        with lifecycle.retrain_lock():
+            if record:
+                lifecycle.fire_retrain("ilr.retrain.manual", reason, dataset, mode="record")
+            res = lifecycle.retrain(dataset, reason=reason, trials=trials, steps=steps)
+    except lifecycle.RetrainRunning as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(3)
+    except IlrError as e:
+        _fail(e)
+    g = res["gate"]
+    console.print(f"retrain {res['dataset']}: {'promoted' if g['promoted'] else 'rejected'} v{g['challenger']} "
+                  f"({g['reason']}); index {res.get('index', {}).get('collection', 'unchanged')}")
+
+
+@app.command("monitor")
+def monitor_cmd(url: str = typer.Option(None, help="service URL (default $ILR_URL or http://127.0.0.1:8000)"),
+                trigger: bool = typer.Option(True, help="fire the retrain trigger on a quality drop")):
+    """One monitoring pass (canary, drift, ANN recall) through the Prefect `monitor` flow."""
+    from flows import lifecycle
+
+    s = lifecycle.monitor(url, trigger=trigger)
+    console.print(f"canary mAP@k {s['map_at_k']:.4f}, recall@k {s['recall_at_k']:.4f}, top-1 {s['top1']:.3f}, "
+                  f"p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms; ANN recall {s['ann_recall']:.3f}; "
+                  f"drift MMD^2 {s['drift']['mmd']:.4f}; quality drop: {s['quality_drop']} {s['reason']}")
 
 
 def main() -> None:  # pragma: no cover - console entry

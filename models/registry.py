@@ -6,9 +6,11 @@ recorded as tags on the model version it concerns.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -197,25 +199,39 @@ def gate(dataset: str, margin: float = 0.0, metric: str = "map", rerank: bool = 
 
     from models.evaluate import evaluate
 
+    from data.versioning import dataset_dir
+
     challenger = alias_version("challenger")
     if not challenger:
         raise IlrError("no model has the alias 'challenger'; register one first")
     champion = alias_version("champion")
+    ref = dataset_dir(dataset)[0]
+    # a model's score on one dataset version under one evaluation setting is computed once, then reused
+    setting = hashlib.sha1(json.dumps([metric, rerank, asdict(ecfg) if ecfg is not None else None],
+                                      sort_keys=True, default=str).encode()).hexdigest()[:8]
+    score_tag = f"gate.score.{ref.name}.{ref.version}.{setting}"
     tracking.setup("ilr-gate")
-    with mlflow.start_run(run_name=f"gate v{challenger} vs v{champion} on {dataset}") as run:
+    with mlflow.start_run(run_name=f"gate v{challenger} vs v{champion} on {ref.ref}") as run:
         scores = {}
         for role, version in (("challenger", challenger), ("champion", champion)):
             if version is None:
                 scores[role] = float("-inf")
                 continue
-            model, ref = load(version)
-            ev = evaluate(dataset, rerank=rerank, ecfg=ecfg, model=model, model_name=ref, log_mlflow=False,
+            cached = client().get_model_version(model_name(), version).tags.get(score_tag)
+            if cached is not None:
+                scores[role] = float(cached)
+                mlflow.log_metric(f"{role}_{metric}", scores[role])
+                log_fn(f"gate: {role} v{version} {metric} {scores[role]:.4f} on {ref.ref} (measured before)")
+                continue
+            model, mref = load(version)
+            ev = evaluate(ref.ref, rerank=rerank, ecfg=ecfg, model=model, model_name=mref, log_mlflow=False,
                           log_fn=log_fn)
             scores[role] = float(ev.summary[metric])
             mlflow.log_metrics({f"{role}_{k}": float(v) for k, v in ev.summary.items()
                                 if isinstance(v, float) and np.isfinite(v)})
             _tag(version, {f"eval.{k}": f"{v:.4f}" for k, v in ev.summary.items()
                            if k in ("map", "global_map", "rerank_map") and isinstance(v, float)})
+            _tag(version, {score_tag: repr(scores[role])})
         win = scores["challenger"] > scores["champion"] + margin
         if champion is None:
             reason = "no champion yet"
@@ -226,9 +242,9 @@ def gate(dataset: str, margin: float = 0.0, metric: str = "map", rerank: bool = 
             reason = (f"challenger {metric} {scores['challenger']:.4f} does not beat champion "
                       f"{scores['champion']:.4f} by more than {margin}")
         decision = "promoted" if win else "rejected"
-        mlflow.set_tags({"gate.decision": decision, "gate.reason": reason, "gate.dataset": dataset,
+        mlflow.set_tags({"gate.decision": decision, "gate.reason": reason, "gate.dataset": ref.ref,
                          "gate.challenger": challenger, "gate.champion": champion or "", "ilr.kind": "gate"})
-        _tag(challenger, {"gate.decision": decision, "gate.reason": reason, "gate.dataset": dataset,
+        _tag(challenger, {"gate.decision": decision, "gate.reason": reason, "gate.dataset": ref.ref,
                           "gate.challenger_score": f"{scores['challenger']:.4f}",
                           "gate.champion_score": f"{scores['champion']:.4f}", "gate.champion": champion or "",
                           "gate.run_id": run.info.run_id})

@@ -16,6 +16,7 @@ import collections
 import hmac
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -64,6 +65,7 @@ class ExtractorWorker:
 
         self.cfg, self.ecfg = cfg, extract_config()
         self.models: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.models_lock = threading.Lock()
         self.extract.set_max_batch_size(cfg.batch_size)
         self.extract.set_batch_wait_timeout_s(cfg.batch_wait_s)
 
@@ -71,13 +73,14 @@ class ExtractorWorker:
         from models import registry
         from models.extract import Extractor
 
-        if ref not in self.models:
-            model, _ = registry.resolve(ref)
-            self.models[ref] = Extractor(model, self.ecfg)
-            while len(self.models) > 2:  # the live model and the one being swapped in
-                self.models.popitem(last=False)
-        self.models.move_to_end(ref)
-        return self.models[ref]
+        with self.models_lock:
+            if ref not in self.models:
+                model, _ = registry.resolve(ref)
+                self.models[ref] = Extractor(model, self.ecfg)
+                while len(self.models) > 2:  # the live model and the one being swapped in
+                    self.models.popitem(last=False)
+            self.models.move_to_end(ref)
+            return self.models[ref]
 
     async def load(self, ref: str) -> bool:
         await asyncio.to_thread(self._get, ref)
@@ -103,14 +106,19 @@ class SearcherWorker:
 
     def __init__(self, env: dict, cfg: ServeConfig):
         _apply_env(env)
-        from pymilvus import MilvusClient
-
-        from serving.index import index_config
+        from serving.index import index_config, milvus_client
 
         self.cfg, self.icfg = cfg, index_config()
-        self.client = MilvusClient(os.environ["MILVUS_URI"])
+        self.client = milvus_client(os.environ["MILVUS_URI"])
         self.stores: dict[str, Any] = {}
-        self.loaded: set[str] = set()
+        self.indexes: dict[str, Any] = {}
+
+    def _index(self, collection: str):
+        from serving.index import VectorIndex
+
+        if collection not in self.indexes:  # one per collection: loaded once, not per query
+            self.indexes[collection] = VectorIndex(self.client, collection)
+        return self.indexes[collection]
 
     def _store(self, collection: str):
         from serving.index import LocalFeatureStore, store_dir
@@ -124,39 +132,31 @@ class SearcherWorker:
 
         state = live(self.icfg.alias, self.client)
         if state is not None:
-            state["count"] = len(self._store(state["collection"]).ids())
+            state["count"] = self._store(state["collection"]).count()
         return state
 
     def search(self, collection: str, vector: np.ndarray, k: int) -> list[dict]:
-        from serving.index import VectorIndex
-
-        if collection not in self.loaded:
-            self.client.load_collection(collection)
-            self.loaded.add(collection)
-        return VectorIndex(self.client, collection).search(vector[None], k, self.icfg.ef_search)[0]
+        return self._index(collection).search(vector[None], k, self.icfg.ef_search)[0]
 
     def exists(self, collection: str, image_id: str) -> bool:
         return image_id in self._store(collection)
 
     def add(self, collection: str, image_id: str, label: str, domain: str, feats: dict) -> None:
         from models.extract import Features, pack_local
-        from serving.index import VectorIndex
 
         store = self._store(collection)
         f = Features(feats["global"], feats["keypoints"], feats["descriptors"], np.zeros(0), np.zeros(0),
                      feats["size"])
         kp, desc = pack_local(f)
-        VectorIndex(self.client, collection).insert([{"image_id": image_id, "label": label, "domain": domain,
+        self._index(collection).insert([{"image_id": image_id, "label": label, "domain": domain,
                                                        "vector": f.global_desc.tolist()}])
         store.add_packed(image_id, kp, desc, f.global_desc, f.size)
 
     def delete(self, collection: str, image_id: str) -> bool:
-        from serving.index import VectorIndex
-
         store = self._store(collection)
         if image_id not in store:
             return False
-        VectorIndex(self.client, collection).delete([image_id])
+        self._index(collection).delete([image_id])
         return store.delete(image_id)
 
     def index_sample(self, collection: str, n: int) -> np.ndarray:
@@ -372,7 +372,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
                     if time.monotonic() - self.checked > self.cfg.poll_s:
                         state = await self.searcher.live.remote()
                         if state and (self.state is None or state["collection"] != self.state["collection"]):
-                            await self.extractor.load.remote(state["model"])  # warm before switching
+                            await self._warm(state)  # model loaded and collection searched before switching
                             if self.state is not None:
                                 self.m["swaps"].inc()
                         self.state = state or self.state
@@ -382,6 +382,12 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             if self.state is None:
                 raise ApiError(503, "no_index", "no live index yet: run `ilr index build --dataset NAME`")
             return self.state
+
+        async def _warm(self, state: dict) -> None:
+            await self.extractor.load.remote(state["model"])
+            probe = np.random.default_rng(0).integers(0, 255, (320, 320, 3), dtype=np.uint8)
+            q = await self.extractor.extract.remote((state["model"], probe))
+            await self.searcher.search.remote(state["collection"], q["global"], self.cfg.candidates)
 
         def _auth(self, request: Request) -> None:
             got = request.headers.get("authorization", "")

@@ -56,6 +56,17 @@ def milvus_uri() -> str:
     return os.environ.get("MILVUS_URI") or milvus_server.running() or str(ilr_home() / "milvus.db")
 
 
+# Milvus Lite's gRPC server keeps gRPC's default ping policy (one ping per 5 min, none while idle); pymilvus
+# pings every 10 s even when idle, so a long-lived client gets GOAWAY "too_many_pings" and fails.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 600_000, "grpc.keepalive_permit_without_calls": False}
+
+
+def milvus_client(uri: str | None = None):
+    from pymilvus import MilvusClient
+
+    return MilvusClient(uri or milvus_uri(), grpc_options=GRPC_OPTIONS)
+
+
 def collection_name(model_version: str, dataset: str, dataset_version: str) -> str:
     raw = f"ilr_m{model_version}_{dataset}_{dataset_version}"
     return re.sub(r"[^A-Za-z0-9_]", "_", raw)[:255]
@@ -98,6 +109,9 @@ class LocalFeatureStore:
     def __contains__(self, image_id: str) -> bool:
         row = self._db.execute("SELECT deleted FROM features WHERE image_id = ?", (image_id,)).fetchone()
         return row is not None and row[0] == 0
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM features WHERE deleted = 0").fetchone()[0])
 
     def ids(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT image_id FROM features WHERE deleted = 0 ORDER BY row")]
@@ -188,12 +202,11 @@ class VectorIndex:
 
     def __init__(self, client, name: str):
         self.client, self.name = client, name
+        self._loaded = False
 
     @classmethod
     def connect(cls, name: str, uri: str | None = None):
-        from pymilvus import MilvusClient
-
-        return cls(MilvusClient(uri or milvus_uri()), name)
+        return cls(milvus_client(uri), name)
 
     def create(self, dim: int, cfg: IndexConfig) -> None:
         from pymilvus import DataType, MilvusClient
@@ -220,7 +233,9 @@ class VectorIndex:
 
     def search(self, vectors: np.ndarray, k: int, ef: int = 128) -> list[list[dict]]:
         """Top-k per query: [{image_id, score, label, domain}], best first."""
-        self.client.load_collection(self.name)
+        if not self._loaded:
+            self.client.load_collection(self.name)
+            self._loaded = True
         res = self.client.search(self.name, data=[v.tolist() for v in np.atleast_2d(vectors)], limit=k,
                                  output_fields=["label", "domain"],
                                  search_params={"metric_type": "IP", "params": {"ef": max(ef, k), "nprobe": 16}})
@@ -310,9 +325,12 @@ def live(alias: str | None = None, client=None) -> dict | None:
 class _RayExtract:
     """Ray Data map_batches worker: one model per actor; returns packed features (uint16 / int8)."""
 
-    def __init__(self, model, ecfg, root: str):
+    def __init__(self, model_dir: str, ecfg, root: str):
         import torch
 
+        from models import artifacts
+
+        model = artifacts.load(Path(model_dir))
         self.extractor = Extractor(model, ecfg, device="cuda" if torch.cuda.is_available() else None)
         self.root = Path(root)
 
@@ -339,7 +357,7 @@ def _extract_local(todo, folder: Path, model, ecfg, chunk: int):
                for i, lab, dom, f in zip(part["image_id"], part["label"], part["domain"], feats)]
 
 
-def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, dim_local: int):
+def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
     """Ray Data: a pool of extraction actors (GPU actors when the cluster has GPUs), results streamed back
     in order of completion; the driver only writes."""
     import ray
@@ -354,7 +372,11 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, dim_local: int):
     gpus = ray.cluster_resources().get("GPU", 0)
     actors = max(1, int(gpus)) if gpus else 1
     ds = ray.data.from_pandas(todo[["image_id", "path", "label", "domain"]])
-    ds = ds.map_batches(_RayExtract, fn_constructor_kwargs={"model": model, "ecfg": ecfg, "root": str(folder)},
+    from models import artifacts
+
+    artifacts.save(model, model_dir)  # actors load it from disk (a shared path on a cluster: ILR_HOME)
+    ds = ds.map_batches(_RayExtract, fn_constructor_kwargs={"model_dir": str(model_dir), "ecfg": ecfg,
+                                                            "root": str(folder)},
                         batch_size=chunk, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if gpus else 0, num_cpus=0.5 if not gpus else 1)
     for batch in ds.iter_batches(batch_size=chunk, batch_format="pandas", prefetch_batches=1):
@@ -388,7 +410,8 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
     log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}"
            f" ({engine})")
     created = index.client.has_collection(name)
-    batches = (_extract_ray(todo, folder, model, ecfg, cfg.chunk, 0) if engine == "ray" and len(todo)
+    batches = (_extract_ray(todo, folder, model, ecfg, cfg.chunk, ilr_home() / "cache" / "extract-models" / name)
+               if engine == "ray" and len(todo)
                else _extract_local(todo, folder, model, ecfg, cfg.chunk))
     done = 0
     for part in batches:

@@ -52,6 +52,9 @@ def workspace(tmp_path, monkeypatch):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield repo
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from serving import milvus_server
+
+    milvus_server.stop()  # a Milvus Lite server a flow started for this workspace
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +65,8 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "tiny"
     synthetic.generate(out, "tiny", seed=0, workers=2)
     return out
+
+
+def pytest_configure(config):
+    for rule in ("ignore::DeprecationWarning", "ignore:An input example was not provided:UserWarning"):
+        config.addinivalue_line("filterwarnings", rule)

@@ -1,0 +1,281 @@
+"""Prefect 3 flows of the model lifecycle.
+
+ingest_dataset -> (new version) -> retrain = train_and_register (tune -> challenger -> gate -> promote)
+-> build_and_swap_index -> deploy; monitor (canary, drift, ANN recall) -> (quality drop) -> retrain.
+
+Triggers: a flow that sees a new dataset version or a quality drop emits a Prefect event
+(`ilr.dataset.versioned`, `ilr.quality.dropped`) and records it; when `ilr flows serve` has registered the
+`retrain` deployment (whose event triggers and schedule then start it), the event is all it takes;
+otherwise retrain runs right away as a subflow. Every flow run leaves a markdown artifact naming its
+MLflow runs and dataset versions, and MLflow runs get the Prefect flow-run id as a tag.
+"""
+from __future__ import annotations
+
+import os
+
+from data.config import ilr_home, params
+
+os.environ.setdefault("PREFECT_HOME", str(ilr_home() / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+RETRAIN_DEPLOYMENT = "retrain/ilr-retrain"
+
+
+def _log():
+    try:
+        return get_run_logger().warning  # WARNING: visible at the default logging level
+    except Exception:
+        return print
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+def _tag_mlflow(run_ids: list[str]) -> None:
+    from mlflow import MlflowClient
+
+    from models import tracking
+
+    tracking.setup("ilr-delg")
+    c = MlflowClient()
+    for rid in filter(None, run_ids):
+        c.set_tag(rid, "prefect.flow_run_id", _flow_run_id())
+
+
+def _artifact(key: str, lines: list[str]) -> None:
+    create_markdown_artifact(markdown="\n".join(f"- {x}" for x in lines), key=key)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+@task(retries=1, retry_delay_seconds=5)
+def ingest_task(fmt: str, source: str, name: str, seed: int | None = None) -> dict:
+    from data.config import DataConfig, from_params
+    from data.versioning import ingest
+
+    opts = {"seed": seed} if seed is not None else {}
+    version, report = ingest(fmt, source, name, from_params(DataConfig, "data"), log=_log(), **opts)
+    return {"ref": version.ref, "unchanged": version.unchanged, "dvc_md5": version.dvc_md5,
+            "git_rev": version.git_rev, "docs": str(report.docs_path)}
+
+
+@task(retries=1, retry_delay_seconds=10)
+def tune_task(dataset: str, trials: int | None, steps: int | None) -> dict:
+    from models.tune import tune_config, tune_delg
+
+    res = tune_delg(dataset, tune_config(**{k: v for k, v in {"trials": trials, "steps": steps}.items() if v}),
+                    log_fn=_log())
+    return {"challenger": res.model_version, "run_id": res.parent_run_id, "best": res.best_metrics,
+            "trials": res.trials, "stopped_early": res.stopped_early}
+
+
+@task
+def ensure_champion_task() -> str:
+    from models import registry
+
+    return registry.ensure_champion(log_fn=_log())
+
+
+@task
+def gate_task(dataset: str) -> dict:
+    from models import registry
+    from models.config import extract_config
+
+    d = registry.gate(dataset, float(params("gate").get("margin", 0.0)), ecfg=extract_config(), log_fn=_log())
+    return {"promoted": d.promoted, "challenger": d.challenger, "champion": d.champion, "reason": d.reason,
+            "challenger_score": d.challenger_score, "champion_score": d.champion_score, "run_id": d.run_id}
+
+
+@task(retries=1, retry_delay_seconds=10)
+def index_task(dataset: str, model: str | None, engine: str) -> dict:
+    from models.config import extract_config
+    from serving import milvus_server
+    from serving.index import build, index_config
+
+    milvus_server.ensure()  # shared with the service (Milvus Lite in-process would lock the data dir)
+    res = build(dataset, model, index_config(), extract_config(), log_fn=_log(), engine=engine)
+    return {"collection": res.collection, "recall": res.recall, "alias_moved": res.alias_moved, "model": res.model,
+            "images": res.total, "seconds": res.seconds}
+
+
+@task(retries=2, retry_delay_seconds=5)
+def deploy_task(port: int | None) -> dict:
+    from serving import service
+    from serving.config import serve_config
+
+    cfg = serve_config(**({"port": port} if port else {}))
+    url = service.spawn(["--port", str(cfg.port)], cfg)  # no-op when it already runs: it follows the alias
+    return service.wait_healthy(url, need_index=True) | {"url": url}
+
+
+@task
+def monitor_task(url: str | None) -> dict:
+    from monitoring import monitor
+    from serving.client import Client
+
+    return monitor.summary(monitor.run(Client(url)))
+
+
+# ---------------------------------------------------------------------------------------------- triggers
+
+def _retrain_deployment_exists() -> bool:
+    if not os.environ.get("PREFECT_API_URL"):
+        return False  # the temporary local server has no deployments
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as c:
+            c.read_deployment_by_name(RETRAIN_DEPLOYMENT)
+        return True
+    except Exception:
+        return False
+
+
+def fire_retrain(event: str, reason: str, dataset: str, mode: str = "background") -> dict:
+    """Record and emit the trigger, then start retrain: nothing more when a served Prefect deployment picks
+    the event up; else in a detached `ilr retrain` process ("background", so the flow that saw the trigger
+    is not blocked for the whole retraining), as a subflow ("inline"), or not at all ("record")."""
+    from prefect.events import emit_event
+
+    from monitoring.store import MonitorStore
+
+    store = MonitorStore()
+    store.add("events", kind=event, reason=reason, detail={"dataset": dataset, "flow_run": _flow_run_id()})
+    store.close()
+    emit_event(event=event, resource={"prefect.resource.id": f"ilr.dataset.{dataset.split('@')[0]}"},
+               payload={"reason": reason, "dataset": dataset})
+    _log()(f"retrain trigger: {event}: {reason}")
+    if mode == "record":
+        return {"fired": event, "how": "recorded only"}
+    if _retrain_deployment_exists():
+        return {"fired": event, "how": f"event picked up by deployment {RETRAIN_DEPLOYMENT}"}
+    if mode == "inline":
+        return {"fired": event, "how": "subflow", "retrain": retrain(dataset, reason=reason)}
+    return {"fired": event, **spawn_retrain(dataset, reason)}
+
+
+def spawn_retrain(dataset: str, reason: str) -> dict:
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    logs = ilr_home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    exe = Path(sys.executable).with_name("ilr")
+    proc = subprocess.Popen([str(exe) if exe.exists() else "ilr", "retrain", "--dataset", dataset, "--reason", reason,
+                             "--no-record"], stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "ILR_HOME": str(ilr_home())})
+    return {"how": f"background process {proc.pid}", "pid": proc.pid, "log": str(log)}
+
+
+class RetrainRunning(Exception):
+    pass
+
+
+def retrain_lock():
+    """One retrain at a time per workspace (a trigger during a retrain is recorded, not run twice)."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        path = ilr_home() / "retrain.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RetrainRunning("a retrain is already running in this workspace") from None
+            yield
+    return held()
+
+
+# ---------------------------------------------------------------------------------------------- flows
+
+@flow(name="ingest_dataset", log_prints=True)
+def ingest_dataset(fmt: str, source: str, name: str, seed: int | None = None, trigger: bool = True,
+                   trigger_mode: str = "background") -> dict:
+    """Read -> validate (GX) -> version (DVC); a new version fires the retrain trigger."""
+    v = ingest_task(fmt, source, name, seed)
+    _artifact("ingest", [f"dataset {v['ref']} (dvc {v['dvc_md5']}, git {v['git_rev'][:10]})",
+                         f"unchanged: {v['unchanged']}", f"Data Docs: {v['docs']}"])
+    if trigger and not v["unchanged"] and not v["ref"].endswith("@v1"):
+        v["trigger"] = fire_retrain("ilr.dataset.versioned", f"new dataset version {v['ref']}", v["ref"], trigger_mode)
+    return v
+
+
+@flow(name="train_and_register", log_prints=True)
+def train_and_register(dataset: str, trials: int | None = None, steps: int | None = None) -> dict:
+    """Tune (Ray Tune, best trial -> challenger) -> gate against the champion -> promote if better."""
+    ensure_champion_task()
+    t = tune_task(dataset, trials, steps)
+    g = gate_task(dataset)
+    _tag_mlflow([t["run_id"], g["run_id"]])
+    _artifact("train-and-register", [f"dataset {dataset}", f"tune MLflow run {t['run_id']} ({t['trials']} trials, "
+                                     f"{t['stopped_early']} stopped early), challenger v{t['challenger']}",
+                                     f"gate MLflow run {g['run_id']}: {'promoted' if g['promoted'] else 'rejected'} "
+                                     f"— {g['reason']}"])
+    return {"tune": t, "gate": g}
+
+
+@flow(name="build_and_swap_index", log_prints=True)
+def build_and_swap_index(dataset: str, model: str | None = None, engine: str = "ray") -> dict:
+    """Index the dataset with the champion; the live alias moves after the ANN-recall check."""
+    r = index_task(dataset, model, engine)
+    _artifact("index", [f"dataset {dataset}", f"model {r['model']}", f"collection {r['collection']}",
+                        f"ANN recall {r['recall']:.4f}; alias moved: {r['alias_moved']}"])
+    return r
+
+
+@flow(name="deploy", log_prints=True)
+def deploy(port: int | None = None) -> dict:
+    """Start the service in the background, or check that the running one serves the live index."""
+    return deploy_task(port)
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(url: str | None = None, trigger: bool = True, trigger_mode: str = "background") -> dict:
+    """Canary + drift + ANN recall on the live service; a quality drop fires the retrain trigger."""
+    s = monitor_task(url)
+    _artifact("monitor", [f"model {s['model']}, index {s['index']}, dataset {s['dataset']}",
+                          f"mAP@k {s['map_at_k']:.4f}, recall@k {s['recall_at_k']:.4f}, top-1 {s['top1']:.3f}",
+                          f"latency p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms; ANN recall {s['ann_recall']:.3f}",
+                          f"drift MMD^2 {s['drift']['mmd']:.4f}", f"quality drop: {s['quality_drop']} {s['reason']}"])
+    if trigger and s["quality_drop"]:
+        s["trigger"] = fire_retrain("ilr.quality.dropped", s["reason"], s["dataset"], trigger_mode)
+    return s
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(dataset: str | None = None, reason: str = "manual", trials: int | None = None,
+            steps: int | None = None, engine: str = "ray") -> dict:
+    """train_and_register on the dataset (default: latest version of pipeline.dataset); if a new champion
+    was promoted, or the live index is not the champion's, rebuild the index and swap; refresh serving."""
+    from models import registry
+    from serving import index as sindex
+    from serving import service
+
+    from data.versioning import dataset_dir
+
+    dataset = dataset_dir(dataset or params("pipeline").get("dataset", "synthetic-small"))[0].ref
+    _log()(f"retrain {dataset}: {reason}")
+    tr = train_and_register(dataset, trials, steps)
+    live = sindex.live()
+    champion = registry.alias_version("champion")
+    want = f"models:/{registry.model_name()}/{champion}" if champion else "off-the-shelf"
+    out = {"reason": reason, "dataset": dataset, **tr}
+    if tr["gate"]["promoted"] or live is None or live.get("model") != want or live.get("dataset") != dataset:
+        out["index"] = build_and_swap_index(dataset, engine=engine)
+    if service.running():
+        out["deploy"] = deploy()
+    return out

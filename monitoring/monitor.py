@@ -1,0 +1,192 @@
+"""Quality canary, query drift and ANN recall of the live service; the quality-drop decision.
+
+- Canary: labelled queries of the dataset the live index serves are sent to the running endpoint; GLDv2
+  retrieval mAP@k (relevant = index images of the query's instance), recall@k, top-1 accuracy, errors and
+  client-side latency percentiles are recorded with the model and index versions (SQLite, and MLflow).
+- Drift: recent query descriptors (kept by the service) against a sample of the index: MMD^2 with an RBF
+  kernel (median-distance bandwidth), centroid shift, and mean top-1 similarity of queries vs index.
+- ANN recall: Milvus search against exact search on a sample of the live collection's own vectors.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from data import manifest
+from data.config import NO_LABEL
+from data.versioning import dataset_dir
+from models.metrics import gldv2_map_at_k
+from monitoring.config import MonitorConfig, monitor_config
+from monitoring.store import MonitorStore
+
+
+@dataclass
+class CanaryResult:
+    model: str
+    index: str
+    dataset: str
+    queries: int
+    map_at_k: float
+    recall_at_k: float
+    top1: float
+    errors: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    stages: dict
+
+
+def canary(client, cfg: MonitorConfig | None = None, dataset: str | None = None) -> CanaryResult:
+    """Query the live service with the labelled query set of its dataset (or `dataset`)."""
+    from serving.client import ServiceError
+
+    cfg = cfg or monitor_config()
+    health = client.health()
+    ref = dataset or health.get("dataset")
+    if not ref:
+        raise ValueError("the service has no live index to check")
+    _, folder = dataset_dir(ref)
+    df = manifest.read(folder)
+    index = df[df["split"] == "index"]
+    queries = df[(df["split"] == "query") & (df["label"] != NO_LABEL)]
+    queries = queries.sample(n=min(cfg.canary_queries, len(queries)), random_state=0) if len(queries) else queries
+    relevant = index[index["label"] != NO_LABEL].groupby("label")["image_id"].apply(list).to_dict()
+    preds, solution, lat, stages, errors, hits, top1 = {}, {}, [], {}, 0, [], []
+    model = idx = None
+    for _, q in queries.iterrows():
+        t = time.perf_counter()
+        try:
+            res = client.search(folder / q["path"], top_k=cfg.k, rerank=True)
+        except ServiceError:
+            errors += 1
+            continue
+        lat.append((time.perf_counter() - t) * 1000)
+        model, idx = res["model"], res["index"]
+        for k, v in res["timings_ms"].items():
+            stages.setdefault(k, []).append(v)
+        ids = [r["image_id"] for r in res["results"]]
+        rel = relevant.get(q["label"], [])
+        preds[q["image_id"]], solution[q["image_id"]] = ids, rel
+        hits.append(bool(set(ids[:cfg.recall_k]) & set(rel)))
+        top1.append(bool(res["results"]) and res["results"][0]["label"] == q["label"])
+    pct = (lambda p: float(np.percentile(lat, p))) if lat else (lambda p: float("nan"))
+    return CanaryResult(model or health.get("model", ""), idx or health.get("index", ""), ref, len(lat),
+                        float(gldv2_map_at_k(preds, solution, cfg.k)) if solution else 0.0,
+                        float(np.mean(hits)) if hits else 0.0, float(np.mean(top1)) if top1 else 0.0, errors,
+                        pct(50), pct(95), pct(99), {k: float(np.median(v)) for k, v in stages.items()})
+
+
+def mmd_rbf(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with an RBF kernel whose bandwidth is the median pairwise distance."""
+    if len(x) < 2 or len(y) < 2:
+        return float("nan")
+    z = np.concatenate([x, y]).astype(np.float64)
+    sq = np.maximum((z ** 2).sum(1)[:, None] + (z ** 2).sum(1)[None] - 2 * z @ z.T, 0)
+    sigma2 = np.median(sq[np.triu_indices(len(z), 1)]) or 1.0
+    k = np.exp(-sq / sigma2)
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def drift(queries: np.ndarray, index_sample: np.ndarray) -> dict:
+    q, x = np.asarray(queries, np.float32), np.asarray(index_sample, np.float32)
+    if len(q) == 0 or len(x) == 0:
+        return {"queries": int(len(q)), "mmd": float("nan"), "centroid_shift": float("nan"),
+                "query_top1_sim": float("nan"), "index_top1_sim": float("nan")}
+    cq, cx = q.mean(0), x.mean(0)
+    self_sim = x @ x.T
+    np.fill_diagonal(self_sim, -np.inf)
+    return {"queries": int(len(q)), "mmd": mmd_rbf(q, x),
+            "centroid_shift": float(1 - cq @ cx / (np.linalg.norm(cq) * np.linalg.norm(cx) + 1e-12)),
+            "query_top1_sim": float((q @ x.T).max(1).mean()),
+            "index_top1_sim": float(self_sim.max(1).mean()) if len(x) > 1 else float("nan")}
+
+
+def ann_recall(collection: str, cfg: MonitorConfig | None = None) -> float:
+    """Live collection: Milvus top-k against exact search, on a sample of its own vectors."""
+    from serving.index import LocalFeatureStore, VectorIndex, index_config, recall_at_k, store_dir
+
+    cfg = cfg or monitor_config()
+    store = LocalFeatureStore(store_dir(collection))
+    try:
+        ids, vectors = store.global_vectors()
+    finally:
+        store.close()
+    icfg = index_config()
+    return recall_at_k(VectorIndex.connect(collection), ids, vectors, cfg.k, cfg.ann_sample, icfg.ef_search, seed=int(time.time()))
+
+
+@dataclass
+class MonitorReport:
+    canary: CanaryResult
+    drift: dict
+    ann_recall: float
+    quality_drop: bool
+    drifted: bool
+    reason: str
+
+
+def run(client, cfg: MonitorConfig | None = None, store: MonitorStore | None = None, log_mlflow: bool = True,
+        dataset: str | None = None) -> MonitorReport:
+    """One monitoring pass: canary + drift + ANN recall, recorded; decides whether quality dropped."""
+    cfg = cfg or monitor_config()
+    own = store is None
+    store = store or MonitorStore()
+    try:
+        history = [r for r in store.rows("canary") if r["queries"]]
+        c = canary(client, cfg, dataset)
+        store.add("canary", model=c.model, idx=c.index, dataset=c.dataset, queries=c.queries, map_at_k=c.map_at_k,
+                  recall_at_k=c.recall_at_k, top1=c.top1, errors=c.errors, p50_ms=c.p50_ms, p95_ms=c.p95_ms,
+                  p99_ms=c.p99_ms, stages=c.stages)
+        emb = client.embeddings(n=500)
+        d = drift(np.asarray(emb["queries"]).reshape(-1, len(emb["index_sample"][0]) if emb["index_sample"] else 0),
+                  np.asarray(emb["index_sample"]))
+        store.add("drift", model=c.model, idx=c.index, **d)
+        recall = ann_recall(c.index, cfg)
+        store.add("ann", idx=c.index, recall=recall, k=cfg.k, queries=cfg.ann_sample)
+        best_same = max((r["map_at_k"] for r in history if r["model"] == c.model and r["idx"] == c.index),
+                        default=None)
+        reasons = []
+        if c.queries == 0:
+            reasons.append(f"canary: all {c.errors} queries failed")
+        if c.map_at_k < cfg.min_map:
+            reasons.append(f"mAP@{cfg.k} {c.map_at_k:.3f} < {cfg.min_map}")
+        if best_same is not None and c.map_at_k < best_same - cfg.max_drop:
+            reasons.append(f"mAP@{cfg.k} {c.map_at_k:.3f} dropped more than {cfg.max_drop} below {best_same:.3f}")
+        drifted = bool(np.isfinite(d["mmd"]) and d["mmd"] > cfg.max_drift_mmd)
+        if recall < cfg.min_ann_recall:
+            reasons.append(f"ANN recall {recall:.3f} < {cfg.min_ann_recall}")
+        report = MonitorReport(c, d, recall, bool(reasons), drifted, "; ".join(reasons))
+        if report.quality_drop:
+            store.add("events", kind="quality_drop", reason=report.reason, detail={"model": c.model, "index": c.index})
+        if log_mlflow:
+            _log(report, cfg)
+        return report
+    finally:
+        if own:
+            store.close()
+
+
+def _log(report: MonitorReport, cfg: MonitorConfig) -> None:
+    import mlflow
+
+    from models import tracking
+
+    exp = tracking.setup("ilr-monitoring")
+    c = report.canary
+    with mlflow.start_run(experiment_id=exp, run_name=f"monitor {c.index}"):
+        mlflow.set_tags({"ilr.kind": "monitor", "model": c.model, "index": c.index, "dataset": c.dataset,
+                         "quality_drop": report.quality_drop, "reason": report.reason})
+        mlflow.log_metrics({f"canary_map_at_{cfg.k}": c.map_at_k, f"canary_recall_at_{cfg.recall_k}": c.recall_at_k,
+                            "canary_top1": c.top1, "canary_errors": c.errors, "latency_p50_ms": c.p50_ms,
+                            "latency_p95_ms": c.p95_ms, "latency_p99_ms": c.p99_ms, "ann_recall": report.ann_recall,
+                            **{f"drift_{k}": v for k, v in report.drift.items() if np.isfinite(v)}})
+
+
+def summary(report: MonitorReport) -> dict:
+    return {**asdict(report.canary), "drift": report.drift, "ann_recall": report.ann_recall,
+            "quality_drop": report.quality_drop, "drifted": report.drifted, "reason": report.reason}

@@ -1,0 +1,47 @@
+"""Time series of the service's quality, latency, drift and ANN recall, and retrain triggers (SQLite)."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from monitoring.config import db_path
+
+_TABLES = {
+    "canary": "ts REAL, model TEXT, idx TEXT, dataset TEXT, queries INTEGER, map_at_k REAL, recall_at_k REAL, "
+              "top1 REAL, errors INTEGER, p50_ms REAL, p95_ms REAL, p99_ms REAL, stages TEXT",
+    "drift": "ts REAL, model TEXT, idx TEXT, queries INTEGER, mmd REAL, centroid_shift REAL, query_top1_sim REAL, "
+             "index_top1_sim REAL",
+    "ann": "ts REAL, idx TEXT, recall REAL, k INTEGER, queries INTEGER",
+    "events": "ts REAL, kind TEXT, reason TEXT, detail TEXT",
+}
+_lock = threading.Lock()  # one writer at a time (SQLite "database is locked" under concurrency)
+
+
+class MonitorStore:
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path or db_path())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        for name, cols in _TABLES.items():
+            self.db.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+        self.db.commit()
+
+    def add(self, table: str, **row) -> None:
+        row.setdefault("ts", time.time())
+        row = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+        with _lock:
+            self.db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                            list(row.values()))
+            self.db.commit()
+
+    def rows(self, table: str, since: float = 0.0, limit: int = 10_000) -> list[dict]:
+        cur = self.db.execute(f"SELECT * FROM {table} WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def close(self) -> None:
+        self.db.close()
