@@ -22,7 +22,7 @@ def svg_plot(title: str, series: dict[str, list[tuple[float, float]]], y_label: 
     """A line chart of {name: [(t, y), ...]}; each series a polyline with circles at its points."""
     pts = [(t, y) for s in series.values() for t, y in s if y == y]  # drop NaN
     n = len(pts)
-    ml, mr, mt, mb = 52, 12, 28, 46
+    ml, mr, mt, mb = 60, 30, 28, 46
     out = [f'<svg class="plot" id="{plot_id}" data-points="{n}" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" role="img">',
            f'<text x="{width / 2}" y="17" text-anchor="middle" class="title">{html.escape(title)}</text>']
@@ -41,9 +41,9 @@ def svg_plot(title: str, series: dict[str, list[tuple[float, float]]], y_label: 
     for i in range(5):
         y = y0 + (y1 - y0) * i / 4
         out.append(f'<line x1="{ml}" x2="{width - mr}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>'
-                   f'<text x="{ml - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" class="tick">{y:.3g}</text>')
-    for t in (t0, (t0 + t1) / 2, t1):
-        out.append(f'<text x="{sx(t):.1f}" y="{height - mb + 15}" text-anchor="middle" class="tick">'
+                   f'<text x="{ml - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" class="tick">{y:.4g}</text>')
+    for t, anchor in ((t0, "start"), ((t0 + t1) / 2, "middle"), (t1, "end")):
+        out.append(f'<text x="{sx(t):.1f}" y="{height - mb + 15}" text-anchor="{anchor}" class="tick">'
                    f'{time.strftime("%H:%M:%S", time.localtime(t))}</text>')
     out.append(f'<text x="12" y="{(height - mb + mt) / 2}" transform="rotate(-90 12 {(height - mb + mt) / 2})" '
                f'text-anchor="middle" class="tick">{html.escape(y_label)}</text>')
@@ -70,6 +70,11 @@ def _by(rows: list[dict], key: str, value: str, label=lambda r: r) -> dict[str, 
         if r.get(value) is not None:
             series.setdefault(label(r[key]) if key else value, []).append((r["ts"], float(r[value])))
     return series
+
+
+def _from_zero(series: dict) -> tuple[float, float] | None:
+    ys = [y for s in series.values() for _, y in s if y == y]
+    return (0.0, max(ys) * 1.1) if ys and max(ys) > 0 else None
 
 
 def render(store: MonitorStore, health: dict | None = None, metrics: dict | None = None) -> str:
@@ -104,8 +109,8 @@ def render(store: MonitorStore, health: dict | None = None, metrics: dict | None
         "<tr><td colspan=3>none</td></tr>"
     plots = "".join([
         svg_plot("Retrieval quality over time (canary), per model version", quality, "score", "plot-quality", (0, 1)),
-        svg_plot("Latency percentiles (canary, ms)", latency, "ms", "plot-latency"),
-        svg_plot("Query drift vs the index", drift_s, "score", "plot-drift"),
+        svg_plot("Latency percentiles (canary, ms)", latency, "ms", "plot-latency", _from_zero(latency)),
+        svg_plot("Query drift vs the index", drift_s, "score", "plot-drift", _from_zero(drift_s)),
         svg_plot("ANN recall vs exact search", ann_s, "recall", "plot-ann", (0, 1))])
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
 <title>ilr monitoring</title><style>

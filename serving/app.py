@@ -387,7 +387,8 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             await self.extractor.load.remote(state["model"])
             probe = np.random.default_rng(0).integers(0, 255, (320, 320, 3), dtype=np.uint8)
             q = await self.extractor.extract.remote((state["model"], probe))
-            await self.searcher.search.remote(state["collection"], q["global"], self.cfg.candidates)
+            hits = await self.searcher.search.remote(state["collection"], q["global"], self.cfg.candidates)
+            await self.reranker.rerank.remote(state["collection"], q, hits)
 
         def _auth(self, request: Request) -> None:
             got = request.headers.get("authorization", "")

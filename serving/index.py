@@ -225,8 +225,25 @@ class VectorIndex:
         self.client.create_collection(self.name, schema=schema, index_params=params)
 
     def insert(self, rows: Sequence[dict]) -> None:
+        """Plain inserts of new ids. (An upsert leaves a tombstone per row, and Milvus Lite then searches
+        through an id filter: measured 2.3 s per query and recall 0.65 on 100k rows instead of ms.)"""
         if rows:
-            self.client.upsert(self.name, list(rows))
+            self.client.insert(self.name, list(rows))
+
+    def seal(self) -> None:
+        """Flush buffered rows into segments and (re)load, which builds each segment's ANN index now.
+        Milvus Lite otherwise keeps up to 128 MB of rows in an unindexed memtable and indexes merged
+        segments later in the background, and queries meanwhile scan and compete with that build."""
+        self.client.flush(self.name)
+        self.client.release_collection(self.name)
+        self.client.load_collection(self.name)
+        self._loaded = True
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        ids, found = list(ids), set()
+        for i in range(0, len(ids), 1000):
+            found |= {r["image_id"] for r in self.client.get(self.name, ids=ids[i:i + 1000], output_fields=["image_id"])}
+        return found
 
     def delete(self, ids: Sequence[str]) -> None:
         self.client.delete(self.name, ids=list(ids))
@@ -414,16 +431,20 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
                if engine == "ray" and len(todo)
                else _extract_local(todo, folder, model, ecfg, cfg.chunk))
     done = 0
+    # resuming after a crash between the Milvus insert and the local store: those rows are in Milvus already
+    in_milvus = index.existing(list(todo["image_id"])) if created and len(todo) else set()
     for part in batches:
         if not created:
             index.create(len(part[0][3]), cfg)
             created = True
         index.insert([{"image_id": i, "label": lab, "domain": dom, "vector": g.tolist()}
-                      for i, lab, dom, g, *_ in part])
+                      for i, lab, dom, g, *_ in part if i not in in_milvus])
         for i, _, _, g, kp, desc, size in part:  # after Milvus: a stored image is fully indexed
             store.add_packed(i, kp, desc, g, size)
         done += len(part)
         progress and progress(done, len(todo))
+    if created:
+        index.seal()
     ids, vectors = store.global_vectors()
     recall = recall_at_k(index, ids, vectors, cfg.recall_k, cfg.recall_queries, cfg.ef_search)
     moved = False
