@@ -54,6 +54,7 @@ def queries(dataset: str, side: int, n: int) -> list[bytes]:
 
 def run(url: str, images: list[bytes], concurrency: int, duration: float, max_requests: int, top_k: int) -> dict:
     lat, errors, lock, stop = [], [], threading.Lock(), threading.Event()
+    stages: dict[str, list[float]] = {}
     count = [0]
 
     def worker(i: int):
@@ -73,6 +74,9 @@ def run(url: str, images: list[bytes], concurrency: int, duration: float, max_re
                     ok, r = False, e
                 with lock:
                     (lat if ok else errors).append((time.perf_counter() - t) if ok else str(getattr(r, "status_code", r)))
+                    if ok:
+                        for k, v in r.json()["timings_ms"].items():
+                            stages.setdefault(k, []).append(v)
                 j += concurrency
 
     mem = []
@@ -94,6 +98,7 @@ def run(url: str, images: list[bytes], concurrency: int, duration: float, max_re
             "p50_ms": round(float(np.percentile(a, 50)), 1) if len(a) else None,
             "p90_ms": round(float(np.percentile(a, 90)), 1) if len(a) else None,
             "p99_ms": round(float(np.percentile(a, 99)), 1) if len(a) else None,
+            "stage_median_ms": {k: round(float(np.median(v)), 1) for k, v in stages.items()},
             "replica_rss_mb_first": round(float(np.mean(mem[:k])), 1) if mem else None,
             "replica_rss_mb_last": round(float(np.mean(mem[-k:])), 1) if mem else None}
 

@@ -139,12 +139,16 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
     g = torch.Generator().manual_seed(tcfg.seed + step)
     loader = torch.utils.data.DataLoader(train_set, batch_size=min(tcfg.batch_size, len(train_set)), shuffle=True,
                                          drop_last=True, generator=g, num_workers=0)
+    run_file = ckpt_dir / "mlflow_run_id"  # written at once: an interruption before the first checkpoint
+    if run_id is None and run_file.exists():  # still resumes the same MLflow run
+        run_id = run_file.read_text().strip() or None
     run_kw = {"run_id": run_id} if run_id else {"run_name": run_name}
     if parent_run_id and not run_id:
         run_kw["nested"] = True
         run_kw["parent_run_id"] = parent_run_id
     with mlflow.start_run(**run_kw) as run:
         run_id = run.info.run_id
+        run_file.write_text(run_id)
         if step == 0:
             mlflow.log_params({**_flat("model", asdict(mcfg)), **_flat("train", asdict(tcfg)),
                                "num_classes": len(classes), "train_images": len(train_rows),

@@ -142,12 +142,20 @@ def run(client, cfg: MonitorConfig | None = None, store: MonitorStore | None = N
         store.add("canary", model=c.model, idx=c.index, dataset=c.dataset, queries=c.queries, map_at_k=c.map_at_k,
                   recall_at_k=c.recall_at_k, top1=c.top1, errors=c.errors, p50_ms=c.p50_ms, p95_ms=c.p95_ms,
                   p99_ms=c.p99_ms, stages=c.stages)
-        emb = client.embeddings(n=500)
-        d = drift(np.asarray(emb["queries"]).reshape(-1, len(emb["index_sample"][0]) if emb["index_sample"] else 0),
-                  np.asarray(emb["index_sample"]))
-        store.add("drift", model=c.model, idx=c.index, **d)
-        recall = ann_recall(c.index, cfg)
-        store.add("ann", idx=c.index, recall=recall, k=cfg.k, queries=cfg.ann_sample)
+        try:  # drift and ANN recall must not hide the quality decision
+            emb = client.embeddings(n=500)
+            sample = np.asarray(emb["index_sample"], np.float32)
+            d = drift(np.asarray(emb["queries"], np.float32).reshape(-1, sample.shape[1] if sample.ndim == 2 else 0), sample)
+            store.add("drift", model=c.model, idx=c.index, **d)
+        except Exception as e:  # noqa: BLE001 - recorded and reported
+            d = drift(np.zeros((0, 1)), np.zeros((0, 1)))
+            store.add("events", kind="monitor_error", reason=f"drift: {type(e).__name__}: {e}"[:500], detail={})
+        try:
+            recall = ann_recall(c.index, cfg)
+            store.add("ann", idx=c.index, recall=recall, k=cfg.k, queries=cfg.ann_sample)
+        except Exception as e:  # noqa: BLE001
+            recall = float("nan")
+            store.add("events", kind="monitor_error", reason=f"ANN recall: {type(e).__name__}: {e}"[:500], detail={})
         best_same = max((r["map_at_k"] for r in history if r["model"] == c.model and r["idx"] == c.index),
                         default=None)
         reasons = []

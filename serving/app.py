@@ -375,6 +375,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
                             await self._warm(state)  # model loaded and collection searched before switching
                             if self.state is not None:
                                 self.m["swaps"].inc()
+                            self.recent.clear()  # another model's descriptors are not comparable (drift)
                         self.state = state or self.state
                         self.checked = time.monotonic()
                         if self.state:
@@ -538,7 +539,9 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             self._auth(request)
             state = await self._live()
             sample = await self.searcher.index_sample.remote(state["collection"], n)
-            return {"index": state["collection"], "queries": [v.round(5).tolist() for v in list(self.recent)[-n:]],
+            dim = sample.shape[1] if sample.ndim == 2 else None
+            recent = [v for v in list(self.recent)[-n:] if dim is None or len(v) == dim]
+            return {"index": state["collection"], "queries": [v.round(5).tolist() for v in recent],
                     "index_sample": sample.round(5).tolist()}
 
     return Ingress.bind(Extractor.bind(env, cfg), Searcher.bind(env, cfg), Reranker.bind(env, cfg), env, cfg)

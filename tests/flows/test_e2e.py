@@ -146,4 +146,4 @@ def test_demo_dashboard_and_retrain_triggers(demo_env):
     except AssertionError:
         raise AssertionError(_retrain_logs(d)) from None
     maps = [m for (m,) in db.execute("SELECT map_at_k FROM canary ORDER BY ts")]
-    assert len(maps) >= 3 and maps[-1] < min(maps[:-1])  # the broken index was measured as worse
+    assert len(maps) >= 2 and maps[-1] < min(maps[:-1]) - 0.3  # the broken index was measured as much worse
