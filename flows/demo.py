@@ -17,8 +17,15 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     say = lambda msg: console.print(f"{stamp()} {msg}")  # noqa: E731
     say(f"workspace {ilr_home()}")
 
-    v1 = lc.ingest_dataset("synthetic", size, name, seed=seed)
-    say(f"1. dataset {v1['ref']}{' (unchanged)' if v1['unchanged'] else ''}: generated, validated (GX), versioned (DVC)")
+    from data.versioning import versions
+
+    before = versions(name)
+    if before:  # a re-run: keep the versions (and the live index) the first run made; nothing new to ingest
+        v1 = {"ref": before[-1].ref, "unchanged": True}
+        say(f"1. dataset {v1['ref']} already versioned ({len(before)} version(s)); nothing to ingest")
+    else:
+        v1 = lc.ingest_dataset("synthetic", size, name, seed=seed)
+        say(f"1. dataset {v1['ref']}: generated, validated (GX), versioned (DVC)")
     tr = lc.train_and_register(v1["ref"], trials, steps)
     t, g = tr["tune"], tr["gate"]
     say(f"2. tuned {t['trials']} trials ({t['stopped_early']} stopped early by ASHA), challenger v{t['challenger']}; "
@@ -53,7 +60,9 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     plots = page.text.count('class="plot"')
     say(f"6. dashboard {url}/dashboard/ (HTTP {page.status_code}, {plots} plots)")
     out = {"url": url, "dataset": v1["ref"], "monitor": mon, "gate": g, "index": ix}
-    if second_version:
+    if second_version and len(before) >= 2:
+        say(f"7. a second version of {name} is registered already: no new version, no retrain trigger")
+    elif second_version:
         v2 = lc.ingest_dataset("synthetic", size, name, seed=seed + 1)
         trig = v2.get("trigger")
         if trig:
