@@ -107,12 +107,15 @@ def index_task(dataset: str, model: str | None, engine: str) -> dict:
 
 
 @task(retries=2, retry_delay_seconds=5)
-def deploy_task(port: int | None) -> dict:
+def deploy_task(port: int | None, start: bool = True) -> dict:
     from serving import service
     from serving.config import serve_config
 
     cfg = serve_config(**({"port": port} if port else {}))
-    url = service.spawn(["--port", str(cfg.port)], cfg)  # no-op when it already runs: it follows the alias
+    st = service.running()
+    if st is None and not start:
+        return {"url": None, "status": "not running"}
+    url = st["url"] if st else service.spawn(["--port", str(cfg.port)], cfg)  # a running one follows the alias
     return service.wait_healthy(url, need_index=True) | {"url": url}
 
 
@@ -238,9 +241,10 @@ def build_and_swap_index(dataset: str, model: str | None = None, engine: str = "
 
 
 @flow(name="deploy", log_prints=True)
-def deploy(port: int | None = None) -> dict:
-    """Start the service in the background, or check that the running one serves the live index."""
-    return deploy_task(port)
+def deploy(port: int | None = None, start: bool = True) -> dict:
+    """Start the service in the background (unless start=False), or check that the running one serves the
+    live index."""
+    return deploy_task(port, start)
 
 
 @flow(name="monitor", log_prints=True)
@@ -276,6 +280,6 @@ def retrain(dataset: str | None = None, reason: str = "manual", trials: int | No
     out = {"reason": reason, "dataset": dataset, **tr}
     if tr["gate"]["promoted"] or live is None or live.get("model") != want or live.get("dataset") != dataset:
         out["index"] = build_and_swap_index(dataset, engine=engine)
-    if service.running():
-        out["deploy"] = deploy()
+    if service.running():  # refresh only: a retrain never starts a service someone stopped
+        out["deploy"] = deploy(start=False)
     return out

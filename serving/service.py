@@ -78,9 +78,15 @@ def run_forever(cfg: ServeConfig, extra_apps: tuple = (), log_fn=print) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
         if state.exists() and json.loads(state.read_text()).get("pid") == os.getpid():
             state.unlink()
+        import threading
+
+        done = threading.Thread(target=serve.shutdown, daemon=True)
+        done.start()
+        done.join(30)  # Serve's graceful shutdown can retry forever when an actor is already gone
+        if done.is_alive():
+            os._exit(0)
 
 
 def running() -> dict | None:
@@ -116,13 +122,19 @@ def stop(milvus: bool = True) -> list[str]:
     stopped = []
     st = running()
     if st:
-        os.kill(st["pid"], signal.SIGTERM)
-        for _ in range(120):
+        os.kill(st["pid"], signal.SIGTERM)  # graceful: Serve shuts its replicas down
+        for _ in range(40):
             try:
                 os.kill(st["pid"], 0)
             except ProcessLookupError:
                 break
             time.sleep(0.5)
+        else:  # Serve's shutdown can hang: end the whole session (the process and the Ray it started)
+            try:
+                os.killpg(st["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        (ilr_home() / STATE).unlink(missing_ok=True)
         stopped.append(f"service (pid {st['pid']})")
     if milvus and milvus_server.stop():
         stopped.append("Milvus Lite server")

@@ -145,5 +145,6 @@ def test_demo_dashboard_and_retrain_triggers(demo_env):
         health = _wait_health(url, lambda h: h["model"].startswith("models:/") and not h["champion_pending_index"])
     except AssertionError:
         raise AssertionError(_retrain_logs(d)) from None
+    _wait_retrain_idle(d)
     maps = [m for (m,) in db.execute("SELECT map_at_k FROM canary ORDER BY ts")]
     assert len(maps) >= 2 and maps[-1] < min(maps[:-1]) - 0.3  # the broken index was measured as much worse
