@@ -128,12 +128,14 @@ class SearcherWorker:
         return self.stores[collection]
 
     def live(self) -> dict | None:
-        from serving.index import live
+        """Polled every `poll_s`: one alias lookup, then the already open store of that collection."""
+        from serving.index import VectorIndex
 
-        state = live(self.icfg.alias, self.client)
-        if state is not None:
-            state["count"] = self._store(state["collection"]).count()
-        return state
+        name = VectorIndex(self.client, self.icfg.alias).alias_target(self.icfg.alias)
+        if name is None:
+            return None
+        store = self._store(name)
+        return {"collection": name, **store.meta(), "count": store.count()}
 
     def search(self, collection: str, vector: np.ndarray, k: int) -> list[dict]:
         return self._index(collection).search(vector[None], k, self.icfg.ef_search)[0]
@@ -406,7 +408,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             timings["extract_ms"] = (time.perf_counter() - t) * 1000
             return q
 
-        async def _search(self, request: Request, endpoint: str) -> dict:
+        async def _search(self, request: Request) -> dict:
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
             data, fields = await parse_image_request(request, self.cfg)
@@ -463,12 +465,12 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
 
         @api.post("/v1/search", openapi_extra=body_doc, summary="Ranked matches for a query image")
         async def search(self, request: Request):
-            return await self._measure("search", self._search(request, "search"))
+            return await self._measure("search", self._search(request))
 
         @api.post("/v1/recognize", openapi_extra=body_doc, summary="Recognised label (or no match), GLDv2 style")
         async def recognize(self, request: Request):
             async def run():
-                res = await self._search(request, "recognize")
+                res = await self._search(request)
                 top = res["results"][0] if res["results"] else None
                 from data.config import NO_LABEL
 
