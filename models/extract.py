@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,16 +88,112 @@ def best_cpu_threads(max_threads: int) -> int:
     return min(timings, key=timings.get)
 
 
+@torch.no_grad()
+def fold_batchnorm(model: torch.nn.Module) -> int:
+    """Fold eval-mode BatchNorm into the convolution it follows (consecutive children of one module, as in
+    timm's blocks and the attention head): one op less per layer at inference. timm's BatchNormAct2d keeps its
+    activation. Returns the number of folded layers."""
+    folded = 0
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d)
+                    and bn.running_var is not None and conv.out_channels == bn.num_features):
+                continue
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
+            bias = conv.bias * scale + shift if conv.bias is not None else shift
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = torch.nn.Parameter(bias.detach().clone())
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(parent, bn_name, torch.nn.Sequential(*after) if after else torch.nn.Identity())
+            folded += 1
+    return folded
+
+
+class OneDNNPointwise(torch.nn.Module):
+    """A stride-1 1x1 convolution that takes PyTorch's oneDNN path on CPU. With one intra-op thread PyTorch
+    runs batch-1 1x1 convolutions through its generic im2col+GEMM code (1.6x slower here; most convolutions
+    of a MobileNet/EfficientNet are 1x1). A 1x1 kernel gives the same result at any dilation, and a dilated
+    convolution takes oneDNN — except for inputs of <= 20480 elements at batch 1, where PyTorch would pick
+    its (very slow) dilated fallback, so those stay undilated."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias, self.groups = conv.weight, conv.bias, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dilation = 2 if x.shape[0] > 1 or x.numel() > 20480 else 1
+        return F.conv2d(x, self.weight, self.bias, 1, 0, dilation, self.groups)
+
+
+class SamePadConv(torch.nn.Module):
+    """TF-"same" convolution (timm's Conv2dSame, used by the tf_ EfficientNets) without a padding copy when
+    the padding is symmetric (handed to the convolution), and with an NHWC copy otherwise (F.pad of a
+    channels-last tensor is about 1.7x slower than padding its NHWC view)."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias, self.groups = conv.weight, conv.bias, conv.groups
+        self.stride, self.dilation, self.kernel_size = conv.stride, conv.dilation, conv.kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            pads.append(max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0))
+        ph, pw = pads
+        if ph % 2 == 0 and pw % 2 == 0:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation, self.groups)
+        lrtb = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            x = F.pad(x.permute(0, 2, 3, 1), (0, 0) + lrtb).permute(0, 3, 1, 2)
+        else:
+            x = F.pad(x, lrtb)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def speed_up_convolutions(model: torch.nn.Module) -> int:
+    """Replace stride-1 1x1 convolutions by OneDNNPointwise and timm's Conv2dSame by SamePadConv (same
+    results); returns how many were replaced."""
+    from timm.layers import Conv2dSame
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            if not isinstance(m, torch.nn.Conv2d) or m.padding_mode != "zeros":
+                continue
+            pointwise = m.kernel_size == (1, 1) and m.stride == (1, 1) and m.dilation == (1, 1)
+            if pointwise and (isinstance(m, Conv2dSame) or m.padding in ((0, 0), "valid", "same")):
+                setattr(parent, name, OneDNNPointwise(m))
+            elif isinstance(m, Conv2dSame):
+                setattr(parent, name, SamePadConv(m))
+            else:
+                continue
+            n += 1
+    return n
+
+
+def inference_copy(model: DELG, device: str, channels_last: bool) -> DELG:
+    """A copy of the model for extraction only (the caller's model, e.g. one being trained, is untouched):
+    BatchNorm folded, and on CPU the oneDNN path for 1x1 convolutions, cheaper "same" padding and NHWC tensors."""
+    model = copy.deepcopy(model).eval()
+    fold_batchnorm(model)
+    if device == "cpu":
+        speed_up_convolutions(model)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 class Extractor:
     """Wraps a DELG model for inference on lists of images (RGB uint8 arrays or file paths)."""
 
     def __init__(self, model: DELG, cfg: ExtractConfig | None = None, device: str | None = None):
         self.cfg = cfg or ExtractConfig()
         self.device = resolve_device(device or self.cfg.device)
-        self.model = model.eval().to(self.device)
         self.channels_last = self.device == "cpu" and self.cfg.channels_last
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = inference_copy(model, self.device, self.channels_last)
         if self.device == "cpu":
             threads = self.cfg.cpu_threads or best_cpu_threads(os.cpu_count() or 1)
             torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Geometric re-ranking with local features: putative matches, then RANSAC (affine) per candidate.
 
 Putative matches are mutual nearest neighbours within `max_distance` (vectorised: one matrix product per
-candidate). RANSAC is OpenCV's (USAC MAGSAC++ by default, or classic RANSAC) with an affine model,
+chunk of candidates). RANSAC is OpenCV's (USAC MAGSAC++ by default, or classic RANSAC) with an affine model,
 run for the candidates in parallel threads (OpenCV releases the GIL). The top-K global results are
 re-ordered by (inliers, global score), as in DELG; recognition scores are min(70, inliers)/70 + 0.25 cos.
 """
@@ -13,7 +13,6 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from models.config import RerankConfig
 
@@ -54,34 +53,47 @@ def recognition_score(inliers: np.ndarray, cosine: np.ndarray) -> np.ndarray:
 
 
 def mutual_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray], max_distance: float,
-                        chunk: int = 25) -> list[np.ndarray]:
-    """mutual_matches() of one query against many candidates, with one batched matrix product per chunk.
+                        max_elements: int = 1 << 24) -> list[np.ndarray]:
+    """mutual_matches() of one query against many candidates: one matrix product per chunk of candidates.
 
-    q: [N x d]; candidates[c]: [M_c x d] -> list of [P_c x 2] index pairs."""
-    out: list[np.ndarray] = []
+    q: [N x d]; candidates[c]: [M_c x d], unit float vectors or int8 as stored (pack_local: renormalised
+    here, as unpack_local would) -> list of [P_c x 2] index pairs (query, candidate), by query index.
+    The similarity block of a chunk is [N x C*M] (at most `max_elements` floats); a pair (i, j) is mutual when
+    j is i's best in its candidate and nothing in the query is closer to j (the column maximum), the first
+    such i on ties, as an argmax would pick. NumPy's BLAS and reductions: on AMD CPUs they are about twice as
+    fast as torch's MKL path for these shapes."""
+    empty = np.zeros((0, 2), np.int64)
     if len(q) == 0:
-        return [np.zeros((0, 2), np.int64) for _ in candidates]
-    qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+        return [empty for _ in candidates]
+    qf = np.ascontiguousarray(q, dtype=np.float32)
+    n, dim = qf.shape
     min_sim = 1.0 - max_distance ** 2 / 2
+    sizes = [len(c) for c in candidates]
+    m = max(sizes + [1])
+    chunk = max(1, max_elements // (n * m))
+    out: list[np.ndarray] = []
     for start in range(0, len(candidates), chunk):
-        group = candidates[start:start + chunk]
-        sizes = [len(c) for c in group]
-        m = max(sizes + [1])
-        padded = torch.zeros(len(group), m, q.shape[1])
+        group, gsizes = candidates[start:start + chunk], sizes[start:start + chunk]
+        g = len(group)
+        db = np.zeros((g * m, dim), np.float32)          # zero rows pad short candidates (similarity 0)
+        quantized = False
         for i, c in enumerate(group):
-            if len(c):
-                padded[i, :len(c)] = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
-        sim = torch.matmul(qt, padded.transpose(1, 2))                      # [C x N x M]
-        valid = torch.arange(m)[None, :] < torch.tensor(sizes)[:, None]     # [C x M]
-        sim.masked_fill_(~valid[:, None, :], -2.0)
-        best, nn12 = sim.max(dim=2)                                          # [C x N]
-        nn21 = sim.argmax(dim=1)                                             # [C x M]
-        back = nn21.gather(1, nn12)                                          # [C x N]
-        keep = (back == torch.arange(len(q))[None, :]) & (best >= min_sim)
-        for i in range(len(group)):
-            idx = torch.nonzero(keep[i]).squeeze(1)
-            out.append(torch.stack([idx, nn12[i, idx]], dim=1).numpy() if len(q) and sizes[i] else
-                       np.zeros((0, 2), np.int64))
+            db[i * m:i * m + len(c)] = c
+            quantized |= c.dtype == np.int8
+        if quantized:
+            db /= np.sqrt(np.einsum("ij,ij->i", db, db)).clip(min=1e-6)[:, None]
+        sim = qf @ db.T                                    # [N x G*M]
+        nn12 = sim.reshape(n, g, m).argmax(axis=2)         # [N x G] best feature in each candidate
+        cols = nn12 + np.arange(g) * m
+        best = np.take_along_axis(sim, cols, axis=1)       # [N x G]
+        col_max = sim.max(axis=0)                          # [G*M] best query similarity of each feature
+        keep = (best >= min_sim) & (best >= col_max[cols])
+        for i in range(g):
+            rows = np.flatnonzero(keep[:, i] & (nn12[:, i] < gsizes[i]))
+            js = nn12[rows, i]
+            _, first = np.unique(js, return_index=True)    # ties: the first query feature, as argmax
+            first.sort()
+            out.append(np.stack([rows[first], js[first]], axis=1).astype(np.int64) if len(rows) else empty)
     return out
 
 

@@ -6,7 +6,7 @@ import torch
 from models.config import ExtractConfig, RerankConfig
 from models.delg import DELG
 from models.config import ModelConfig
-from models.extract import Extractor, bucket_size, pack_local, unpack_local
+from models.extract import Extractor, Features, bucket_size, pack_local, unpack_local
 from models.rerank import Reranker, mutual_matches, recognition_score, verify
 
 
@@ -98,7 +98,41 @@ def test_batched_matching_equals_pairwise():
     q = _scene(200, 1)[1]
     cands = [_scene(n, s)[1] for n, s in ((150, 2), (0, 3), (300, 4), (120, 5))]
     cands[2][:50] = q[:50]  # some true matches
-    many = mutual_matches_many(q, cands, 0.9, chunk=3)
+    many = mutual_matches_many(q, cands, 0.9, max_elements=200 * 300 * 3)  # chunks of 3 candidates
     for c, m in zip(cands, many):
         assert np.array_equal(np.asarray(m), mutual_matches(q, c, 0.9))
     assert len(many[2]) >= 50
+    packed = [pack_local(Features(np.zeros(1), np.zeros((len(c), 2)), c, None, None, (1, 1)))[1] for c in cands]
+    as_stored = mutual_matches_many(q, packed, 0.9)  # int8 as stored == unpacked floats
+    for p, m in zip(packed, as_stored):
+        assert np.array_equal(m, mutual_matches(q, unpack_local(np.zeros((len(p), 2)), p)[1], 0.9))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_inference_copy_matches_the_model(batch):
+    """BatchNorm folding, oneDNN 1x1 convolutions and the cheaper "same" padding change nothing but speed;
+    the caller's model is left as it was."""
+    from models.extract import OneDNNPointwise, SamePadConv, inference_copy
+
+    torch.manual_seed(1)
+    model = DELG(ModelConfig(dim=32), num_classes=5, load_pretrained=True).eval()
+    for m in model.attention.modules():  # the backbone's statistics are ImageNet's; the head's made non-trivial
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_copy(model, "cpu", channels_last=True)
+    kinds = {type(m) for m in fast.modules()}
+    assert OneDNNPointwise in kinds and SamePadConv in kinds
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.randn(batch, 3, 97, 130)  # odd and even sides: symmetric and asymmetric "same" padding
+    with torch.inference_mode():
+        ref_local, ref_global = model.features(x)
+        out_local, out_global = fast.features(x.contiguous(memory_format=torch.channels_last))
+        ref_attn, ref_desc = model.local_head(ref_local)
+        out_attn, out_desc = fast.local_head(out_local)
+        close = lambda a, b: ((a - b).abs().max() / a.abs().max()).item() < 1e-4  # float32 rounding only
+        assert close(ref_local, out_local) and close(ref_global, out_global) and close(ref_attn, out_attn)
+        assert torch.allclose(ref_desc, out_desc, atol=1e-4)
+        assert torch.allclose(model.global_descriptor(ref_global), fast.global_descriptor(out_global), atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
