@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=12, help="queries timed with the (slow) reference")
     ap.add_argument("--features", type=int, default=500)
     ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--ransac", nargs="+", default=["magsac", "ransac"],
+                    help="OpenCV RANSAC variants to compare (the first is timed against the reference)")
     args = ap.parse_args()
     folder, df = small_dataset("small")
     index, queries, positives = split(df)
@@ -68,11 +70,10 @@ def main() -> None:
     feats = lambda fs, compact: [unpack_local(*pack_local(f)) if compact else (f.keypoints, f.descriptors) for f in fs]
     db32, q32 = feats(idx_f, False), feats(q_f, False)
     db8, q8 = feats(idx_f, True), feats(q_f, True)
-    rr = Reranker(RerankConfig(top_k=k))
-    for qi in range(2):  # warm-up
-        rr.inliers(*q32[qi], [db32[j] for j in orders[qi, :k]])
-
-    def run_ours(qs, db, n):
+    def run_ours(qs, db, n, method):
+        rr = Reranker(RerankConfig(top_k=k, ransac=method))
+        for qi in range(2):  # warm-up
+            rr.inliers(*qs[qi], [db[j] for j in orders[qi, :k]])
         times, new = [], orders.copy()
         for qi in range(n):
             t0 = time.perf_counter()
@@ -81,8 +82,10 @@ def main() -> None:
             new[qi] = reorder(orders, sims, qi, k, inl)
         return times, new
 
-    ours_t, ours_orders = run_ours(q32, db32, len(queries))
-    _, ours8_orders = run_ours(q8, db8, len(queries))
+    variants = {}
+    for method in args.ransac:
+        variants[method] = run_ours(q32, db32, len(queries), method), run_ours(q8, db8, len(queries), method)
+    (ours_t, ours_orders), (_, ours8_orders) = variants[args.ransac[0]]
     ref_t, ref_orders = [], orders.copy()
     for qi in range(nq):
         t0 = time.perf_counter()
@@ -94,10 +97,11 @@ def main() -> None:
     print(f"{len(queries)} queries x top-{k} candidates, median {n_feat} local features per image "
           f"(off-the-shelf lite0, {q32[0][1].shape[1]}-d)")
     print(f"global only mAP: {m(orders, len(queries)):.2f}")
-    print(f"ilr rerank: median {1000 * statistics.median(ours_t):.0f} ms/query (p90 "
-          f"{1000 * np.percentile(ours_t, 90):.0f}); mAP float32 {m(ours_orders, len(queries)):.2f}, "
-          f"int8 {m(ours8_orders, len(queries)):.2f}")
-    print(f"on the {nq} queries timed with the reference: ilr median {1000 * statistics.median(ours_t[:nq]):.0f} ms, "
+    for method, ((t32, o32), (t8, o8)) in variants.items():
+        print(f"ilr rerank ({method}): median {1000 * statistics.median(t32):.0f} ms/query (p90 "
+              f"{1000 * np.percentile(t32, 90):.0f}; int8 features {1000 * statistics.median(t8):.0f}); "
+              f"mAP float32 {m(o32, len(queries)):.2f}, int8 {m(o8, len(queries)):.2f}")
+    print(f"on the {nq} queries timed with the reference: ilr ({args.ransac[0]}) median {1000 * statistics.median(ours_t[:nq]):.0f} ms, "
           f"reference median {1000 * statistics.median(ref_t):.0f} ms -> "
           f"{statistics.median(ref_t) / statistics.median(ours_t[:nq]):.1f}x; "
           f"mAP ilr {m(ours_orders, nq):.2f} vs reference {m(ref_orders, nq):.2f}")

@@ -61,12 +61,21 @@ class ExtractorWorker:
 
     def __init__(self, env: dict, cfg: ServeConfig):
         _apply_env(env)
+        import dataclasses
+
+        import torch
+
         from models.config import extract_config
 
         self.cfg, self.ecfg = cfg, extract_config()
         self.models: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.models_lock = threading.Lock()
-        self.extract.set_max_batch_size(cfg.batch_size)
+        gpu = self.ecfg.device != "cpu" and torch.cuda.is_available()
+        if not gpu and not self.ecfg.cpu_threads:
+            # two extractions run at once (max_concurrent_batches), one core each: on CPU that beats one
+            # multi-threaded extraction at a time, and small batches beat big ones (BENCHMARKS.md)
+            self.ecfg = dataclasses.replace(self.ecfg, cpu_threads=1)
+        self.extract.set_max_batch_size(cfg.batch_size if gpu else cfg.cpu_batch_size)
         self.extract.set_batch_wait_timeout_s(cfg.batch_wait_s)
 
     def _get(self, ref: str):
@@ -96,7 +105,7 @@ class ExtractorWorker:
                           "descriptors": f.descriptors.astype(np.float32), "size": tuple(f.size)}
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def extract(self, items: list[tuple[str, np.ndarray]]) -> list[dict]:
         return await asyncio.to_thread(self._run, items)
 
@@ -169,7 +178,8 @@ class SearcherWorker:
 
 
 class RerankerWorker:
-    """Local features of the candidates from the memory-mapped store, mutual matching + MAGSAC, on CPU."""
+    """Local features of the candidates from the memory-mapped store (int8, as stored), mutual matching +
+    RANSAC, on CPU."""
 
     def __init__(self, env: dict, cfg: ServeConfig):
         _apply_env(env)
@@ -185,14 +195,10 @@ class RerankerWorker:
         store = self.stores.get(collection)
         if store is None:
             store = self.stores[collection] = LocalFeatureStore(store_dir(collection))
-        cands, keep = [], []
-        for h in hits:
-            try:
-                kp, desc = store.get(h["image_id"])
-            except KeyError:  # deleted since the search: keep it, with no inliers
-                kp, desc = np.zeros((0, 2), np.float32), np.zeros((0, store.dim or 1), np.float32)
-            cands.append((kp, desc, store.size_of(h["image_id"])))
-            keep.append(h)
+        empty = (np.zeros((0, 2), np.uint16), np.zeros((0, store.dim or 1), np.int8), None)
+        # an image deleted since the search stays in the list, with no inliers
+        cands = [c if c is not None else empty for c in store.get_many([h["image_id"] for h in hits])]
+        keep = hits
         r = self.reranker.rerank(q["keypoints"], q["descriptors"], cands,
                                  np.array([h["score"] for h in keep], np.float32))
         return [{**keep[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i])} for i in r.order]

@@ -19,7 +19,9 @@ class ServeConfig:
     default_top_k: int = 10
     candidates: int = 100               # global top-K handed to the re-ranker
     no_match_threshold: float = 0.3     # recognition score min(70, inliers)/70 + 0.25 cos below this -> no match
-    batch_size: int = 8                 # extractor micro-batch
+    batch_size: int = 8                 # extractor micro-batch on GPU
+    cpu_batch_size: int = 1             # on CPU: per image (a 384 px pyramid fits the cache; batches of 4 are
+                                        # ~25% slower per image), two at once on one core each
     batch_wait_s: float = 0.01
     poll_s: float = 1.0                 # how often the live index (alias) and champion are re-read
     num_cpus: float = 0.25              # per replica: 4 deployments fit on 2 cores (facts.md)

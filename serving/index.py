@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -178,6 +179,28 @@ class LocalFeatureStore:
         kp = np.asarray(self._map("keypoints.u16", np.uint16)[2 * off:2 * (off + n)]).reshape(n, 2)
         desc = np.asarray(self._map("descriptors.i8", np.int8)[doff:doff + self.dim * n]).reshape(n, self.dim)
         return unpack_local(kp, desc)
+
+    def get_many(self, image_ids: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, tuple[int, int]] | None]:
+        """Packed features of many images with one lookup: (keypoints uint16 [N x 2], descriptors int8
+        [N x d], original (width, height)), or None for an id that is not stored (e.g. deleted meanwhile).
+        The re-ranker matches the int8 descriptors directly (models.rerank)."""
+        found: dict[str, tuple] = {}
+        ids = list(image_ids)
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            part = ids[start:start + 500]
+            found.update((r[0], r[1:]) for r in self._db.execute(
+                f"SELECT image_id, kp_offset, desc_offset, count, width, height FROM features WHERE deleted = 0 "
+                f"AND image_id IN ({','.join('?' * len(part))})", part))
+        kps, descs = self._map("keypoints.u16", np.uint16), self._map("descriptors.i8", np.int8)
+        out: list[tuple[np.ndarray, np.ndarray, tuple[int, int]] | None] = []
+        for i in ids:
+            if i not in found:
+                out.append(None)
+                continue
+            off, doff, n, w, h = found[i]
+            out.append((np.asarray(kps[2 * off:2 * (off + n)]).reshape(n, 2),
+                        np.asarray(descs[doff:doff + self.dim * n]).reshape(n, self.dim), (int(w), int(h))))
+        return out
 
     def global_vectors(self) -> tuple[list[str], np.ndarray]:
         """(image_ids, [N x D] float32) of the live images, for exact search."""
@@ -348,6 +371,10 @@ class _RayExtract:
         from models import artifacts
 
         model = artifacts.load(Path(model_dir))
+        if not torch.cuda.is_available() and not ecfg.cpu_threads:
+            # Ray pins a fractional-CPU actor's math libraries to one thread (OMP_NUM_THREADS=1); the build is
+            # the only heavy work of its node, so let it use the node's cores, as the in-process path does.
+            ecfg = dataclasses.replace(ecfg, cpu_threads=os.cpu_count() or 1)
         self.extractor = Extractor(model, ecfg, device="cuda" if torch.cuda.is_available() else None)
         self.root = Path(root)
 
@@ -409,8 +436,9 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
     """Extract the index split of NAME[@VERSION] into a new (or partly built) collection, check its ANN
     recall, then point the live alias at it. engine: "ray" (Ray Data map_batches) or "local" (in-process)."""
     from models import registry
+    from models.config import extract_config
 
-    cfg = cfg or index_config()
+    cfg, ecfg = cfg or index_config(), ecfg or extract_config()  # the service extracts queries with params.yaml's
     t0 = time.perf_counter()
     version, folder = dataset_dir(dataset)
     model, model_ref = registry.resolve(model_uri)

@@ -6,7 +6,7 @@ from data import manifest
 from data.config import NO_LABEL
 from data.versioning import dataset_dir, ingest
 from models.config import ExtractConfig
-from models.extract import Features
+from models.extract import Features, unpack_local
 from serving.index import IndexConfig, LocalFeatureStore, VectorIndex, build
 
 pytestmark = pytest.mark.integration
@@ -27,6 +27,10 @@ def test_local_store_roundtrip_and_delete(tmp_path):
     kp, desc = store.get("img2")
     assert kp.shape == (12, 2) and np.abs(kp - feats["img2"].keypoints).max() <= 0.5
     assert np.abs((desc * feats["img2"].descriptors).sum(1) - 1).max() < 5e-3
+    many = store.get_many(["img2", "nope", "img0"])  # packed, one lookup, as the re-ranker reads them
+    assert many[1] is None and many[2][2] == (320, 240)
+    assert many[0][0].dtype == np.uint16 and many[0][1].dtype == np.int8
+    assert np.array_equal(unpack_local(*many[0][:2])[1], desc)
     assert store.delete("img1") and "img1" not in store and store.ids() == ["img0", "img2"]
     ids, vecs = store.global_vectors()
     assert ids == ["img0", "img2"] and vecs.shape == (2, 8)
