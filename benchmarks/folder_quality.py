@@ -5,8 +5,10 @@ The photos are the real ones that ship in scikit-image and scikit-learn (no down
 one view, so each gets three more "re-photographs" (partial views of 45-70% of it under perspective,
 rotation, an occluder, other light and JPEG); the motorcycle stereo pair is a genuine second view.
 
-Run: .venv/bin/python benchmarks/folder_quality.py [--model MODEL_URI]
-It works in a throw-away git repository and ILR_HOME, leaving this checkout alone.
+Run: .venv/bin/python benchmarks/folder_quality.py [--model MODEL_URI] [--features 500 1000]
+Each --features value is a run with that many local features per image (`extract.max_local_features`;
+500 is the CPU default, 1000 DELG's). It works in a throw-away git repository and ILR_HOME, leaving this
+checkout alone.
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ def build(root: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
+    ap.add_argument("--features", type=int, nargs="+", default=[500, 1000])
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ilr-folder-"))
     repo = tmp / "repo"
@@ -87,10 +90,20 @@ def main() -> None:
     subprocess.run(ilr + ["data", "ingest", "--format", "folder", str(tmp / "photos"), "--name", "real-photos"],
                    env=env, check=True, cwd=cwd)
     model = ["--model", args.model] if args.model else []
-    for flag in ("--no-rerank", "--rerank"):
-        out = subprocess.run(ilr + ["evaluate", "--dataset", "real-photos", flag, *model], env=env, check=True,
-                             capture_output=True, text=True, cwd=cwd).stdout
-        print(flag, [line for line in out.splitlines() if line.startswith(("mAP", "global_map ", "rerank_map "))])
+    import yaml
+
+    from data.config import repo_root
+
+    base = yaml.safe_load(Path(os.environ.get("ILR_PARAMS") or repo_root() / "params.yaml").read_text()) or {}
+    for n in args.features:
+        overrides = tmp / f"params-{n}.yaml"
+        overrides.write_text(yaml.safe_dump({**base, "extract": {**base.get("extract", {}), "max_local_features": n}}))
+        for flag in ("--no-rerank", "--rerank"):
+            out = subprocess.run(ilr + ["evaluate", "--dataset", "real-photos", flag, *model],
+                                 env={**env, "ILR_PARAMS": str(overrides)}, check=True, capture_output=True,
+                                 text=True, cwd=cwd).stdout
+            print(f"{n} local features {flag}:",
+                  [line for line in out.splitlines() if line.startswith(("mAP", "global_map ", "rerank_map "))])
 
 
 if __name__ == "__main__":

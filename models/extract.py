@@ -130,9 +130,8 @@ class OneDNNPointwise(torch.nn.Module):
 
 
 class SamePadConv(torch.nn.Module):
-    """TF-"same" convolution (timm's Conv2dSame, used by the tf_ EfficientNets) without a padding copy when
-    the padding is symmetric (handed to the convolution), and with an NHWC copy otherwise (F.pad of a
-    channels-last tensor is about 1.7x slower than padding its NHWC view)."""
+    """TF-"same" convolution (timm's Conv2dSame, used by the tf_ EfficientNets) without a padded copy of the
+    input when the padding is symmetric: it is handed to the convolution (oneDNN pads internally)."""
 
     def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
@@ -146,11 +145,8 @@ class SamePadConv(torch.nn.Module):
         ph, pw = pads
         if ph % 2 == 0 and pw % 2 == 0:
             return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation, self.groups)
-        lrtb = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            x = F.pad(x.permute(0, 2, 3, 1), (0, 0) + lrtb).permute(0, 3, 1, 2)
-        else:
-            x = F.pad(x, lrtb)
+        left, top = pw // 2, ph // 2
+        x = F.pad(x, (left, pw - left, top, ph - top))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
@@ -180,6 +176,9 @@ def inference_copy(model: DELG, device: str, channels_last: bool) -> DELG:
     BatchNorm folded, and on CPU the oneDNN path for 1x1 convolutions, cheaper "same" padding and NHWC tensors."""
     model = copy.deepcopy(model).eval()
     fold_batchnorm(model)
+    for m in model.modules():  # activations right after a convolution: in place (no extra tensor per layer)
+        if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.Hardswish)):
+            m.inplace = True
     if device == "cpu":
         speed_up_convolutions(model)
     model = model.to(device)
@@ -194,9 +193,10 @@ class Extractor:
         self.device = resolve_device(device or self.cfg.device)
         self.channels_last = self.device == "cpu" and self.cfg.channels_last
         self.model = inference_copy(model, self.device, self.channels_last)
+        self.threads = 0
         if self.device == "cpu":
-            threads = self.cfg.cpu_threads or best_cpu_threads(os.cpu_count() or 1)
-            torch.set_num_threads(threads)
+            self.threads = self.cfg.cpu_threads or best_cpu_threads(os.cpu_count() or 1)
+            torch.set_num_threads(self.threads)
         self.max_local = self.cfg.local_count(self.device)
         mean = torch.tensor(model.cfg.mean).view(1, 3, 1, 1)
         std = torch.tensor(model.cfg.std).view(1, 3, 1, 1)
@@ -219,6 +219,10 @@ class Extractor:
     @torch.inference_mode()
     def _run(self, batch: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[Features]:
         """batch: [B x H x W x 3] uint8, all the same bucket size."""
+        if self.threads and torch.get_num_threads() != self.threads:
+            # OpenMP's thread count is per calling thread: a worker thread (asyncio.to_thread in the service,
+            # Ray Data's actor threads) would otherwise run with its own default
+            torch.set_num_threads(self.threads)
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
         x = (x - self.mean) / self.std
         B, _, H, W = x.shape

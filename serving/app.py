@@ -71,10 +71,12 @@ class ExtractorWorker:
         self.models: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.models_lock = threading.Lock()
         gpu = self.ecfg.device != "cpu" and torch.cuda.is_available()
+        self.slots = threading.Semaphore(1 if gpu else max(1, cfg.cpu_extractions))
         if not gpu and not self.ecfg.cpu_threads:
-            # two extractions run at once (max_concurrent_batches), one core each: on CPU that beats one
-            # multi-threaded extraction at a time, and small batches beat big ones (BENCHMARKS.md)
-            self.ecfg = dataclasses.replace(self.ecfg, cpu_threads=1)
+            # on CPU, extractions at once x threads each = the cores (a 384 px pyramid about fills the cache,
+            # so small batches, and few extractions at once, are fastest: BENCHMARKS.md)
+            threads = cfg.cpu_extract_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.cpu_extractions))
+            self.ecfg = dataclasses.replace(self.ecfg, cpu_threads=threads)
         self.extract.set_max_batch_size(cfg.batch_size if gpu else cfg.cpu_batch_size)
         self.extract.set_batch_wait_timeout_s(cfg.batch_wait_s)
 
@@ -96,13 +98,20 @@ class ExtractorWorker:
         return True
 
     def _run(self, items: list[tuple[str, np.ndarray]]) -> list[dict]:
+        with self.slots:
+            return self._run_locked(items)
+
+    def _run_locked(self, items: list[tuple[str, np.ndarray]]) -> list[dict]:
         out: list[dict | None] = [None] * len(items)
         for ref in dict.fromkeys(r for r, _ in items):
             idx = [i for i, (r, _) in enumerate(items) if r == ref]
+            t = time.perf_counter()
             feats = self._get(ref).extract([items[i][1] for i in idx])
+            compute_ms = (time.perf_counter() - t) * 1000 / len(idx)  # per image of the batch
             for i, f in zip(idx, feats):
                 out[i] = {"global": f.global_desc.astype(np.float32), "keypoints": f.keypoints.astype(np.float32),
-                          "descriptors": f.descriptors.astype(np.float32), "size": tuple(f.size)}
+                          "descriptors": f.descriptors.astype(np.float32), "size": tuple(f.size),
+                          "compute_ms": compute_ms}
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
@@ -189,9 +198,11 @@ class RerankerWorker:
         self.reranker = Reranker(rerank_config())
         self.stores: dict[str, Any] = {}
 
-    def rerank(self, collection: str, q: dict, hits: list[dict]) -> list[dict]:
+    def rerank(self, collection: str, q: dict, hits: list[dict]) -> dict:
+        """{"hits": re-ordered hits with inliers and final_score, "compute_ms": time spent here}."""
         from serving.index import LocalFeatureStore, store_dir
 
+        t = time.perf_counter()
         store = self.stores.get(collection)
         if store is None:
             store = self.stores[collection] = LocalFeatureStore(store_dir(collection))
@@ -201,7 +212,8 @@ class RerankerWorker:
         keep = hits
         r = self.reranker.rerank(q["keypoints"], q["descriptors"], cands,
                                  np.array([h["score"] for h in keep], np.float32))
-        return [{**keep[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i])} for i in r.order]
+        return {"hits": [{**keep[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i])} for i in r.order],
+                "compute_ms": (time.perf_counter() - t) * 1000}
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -412,6 +424,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             t = time.perf_counter()
             q = await self.extractor.extract.remote((state["model"], image))
             timings["extract_ms"] = (time.perf_counter() - t) * 1000
+            timings["extract_compute_ms"] = q.pop("compute_ms")  # the rest of extract_ms is queueing and transfer
             return q
 
         async def _search(self, request: Request) -> dict:
@@ -432,8 +445,9 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             timings["search_ms"] = (time.perf_counter() - t) * 1000
             if rerank and hits:
                 t = time.perf_counter()
-                hits = await self.reranker.rerank.remote(state["collection"], q, hits)
+                reranked = await self.reranker.rerank.remote(state["collection"], q, hits)
                 timings["rerank_ms"] = (time.perf_counter() - t) * 1000
+                hits, timings["rerank_compute_ms"] = reranked["hits"], reranked["compute_ms"]
             else:
                 from models.rerank import recognition_score
 

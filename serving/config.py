@@ -17,11 +17,14 @@ class ServeConfig:
     min_side_px: int = 32               # smaller images get 422
     max_top_k: int = 100
     default_top_k: int = 10
-    candidates: int = 100               # global top-K handed to the re-ranker
+    candidates: int = 50                # global top-K handed to the re-ranker (DELG: 100; on 2 CPU cores 50
+                                        # halves re-ranking time, same mAP on the embedded data: BENCHMARKS.md)
     no_match_threshold: float = 0.3     # recognition score min(70, inliers)/70 + 0.25 cos below this -> no match
     batch_size: int = 8                 # extractor micro-batch on GPU
-    cpu_batch_size: int = 1             # on CPU: per image (a 384 px pyramid fits the cache; batches of 4 are
-                                        # ~25% slower per image), two at once on one core each
+    cpu_batch_size: int = 1             # on CPU: per image (a 384 px pyramid about fills the cache; batches
+                                        # of 4 are ~25% slower per image than one at a time)
+    cpu_extractions: int = 2            # on CPU: extractions at once, one thread each (BENCHMARKS.md)
+    cpu_extract_threads: int = 0        # on CPU: threads per extraction; 0 = cores / cpu_extractions
     batch_wait_s: float = 0.01
     poll_s: float = 1.0                 # how often the live index (alias) and champion are re-read
     num_cpus: float = 0.25              # per replica: 4 deployments fit on 2 cores (facts.md)
