@@ -56,11 +56,14 @@ class ExtractConfig:
     max_local_features: int = 0               # 0 = 1000 on CUDA, 500 on CPU
     attention_threshold: float = 0.0          # keep only keypoints with a score >= this
     keypoint_score: str = "norm"              # norm | attention | attention_x_norm: what ranks keypoints
-    batch_size: int = 8
+    batch_size: int = 8                       # images per forward pass on GPU
+    cpu_batch_size: int = 1                   # on CPU: per image is fastest (a 384 px pyramid about fills the
+                                              # cache; batch 8 is 0.7x per image on 2 cores, BENCHMARKS.md)
     bucket_px: int = 32                       # images are resized to sides that are multiples of this
     device: str = "auto"
     cpu_threads: int = 0                      # 0 = measure once and pick the faster of 1 or all cores
     channels_last: bool = True                # NHWC tensors on CPU (faster oneDNN convolutions)
+    optimize: bool = True                     # extract with a folded inference copy (models.extract.inference_copy)
 
     def local_count(self, device: str) -> int:
         return self.max_local_features or (1000 if device.startswith("cuda") else 500)

@@ -192,7 +192,13 @@ class Extractor:
         self.cfg = cfg or ExtractConfig()
         self.device = resolve_device(device or self.cfg.device)
         self.channels_last = self.device == "cpu" and self.cfg.channels_last
-        self.model = inference_copy(model, self.device, self.channels_last)
+        if self.cfg.optimize:
+            self.model = inference_copy(model, self.device, self.channels_last)
+        else:  # the model as trained (benchmarks' reference way)
+            self.model = model.eval().to(self.device)
+            if self.channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_size = max(1, self.cfg.batch_size if self.device.startswith("cuda") else self.cfg.cpu_batch_size)
         self.threads = 0
         if self.device == "cpu":
             self.threads = self.cfg.cpu_threads or best_cpu_threads(os.cpu_count() or 1)
@@ -282,7 +288,7 @@ class Extractor:
         for i, (arr, size) in enumerate(prepared):
             key = arr.shape[:2]
             pending.setdefault(key, []).append((i, arr, size))
-            if len(pending[key]) == self.cfg.batch_size:
+            if len(pending[key]) == self.batch_size:
                 done += self._flush(pending.pop(key), results)
                 progress and progress(done)
         for group in list(pending.values()):

@@ -14,7 +14,8 @@ from models.rerank import Reranker, mutual_matches, recognition_score, verify
 def extractor():
     torch.manual_seed(0)
     model = DELG(ModelConfig(dim=64), load_pretrained=True)
-    return Extractor(model, ExtractConfig(max_side_px=160, batch_size=4, max_local_features=50, cpu_threads=1))
+    return Extractor(model, ExtractConfig(max_side_px=160, batch_size=4, cpu_batch_size=4, max_local_features=50,
+                                          cpu_threads=1))
 
 
 def _images():
