@@ -438,7 +438,8 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             rerank = _as_bool(fields.get("rerank", True), "rerank")
             state = await self._live()
             q = await self._features(data, state, timings)
-            self.recent.append(q["global"])
+            # a copy: the 2 KB view would keep the whole deserialised feature payload (~230 KB) alive
+            self.recent.append(np.array(q["global"], dtype=np.float32, copy=True))
             t = time.perf_counter()
             hits = await self.searcher.search.remote(state["collection"], q["global"],
                                                      max(top_k, self.cfg.candidates) if rerank else top_k)
