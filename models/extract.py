@@ -176,9 +176,6 @@ def inference_copy(model: DELG, device: str, channels_last: bool) -> DELG:
     BatchNorm folded, and on CPU the oneDNN path for 1x1 convolutions, cheaper "same" padding and NHWC tensors."""
     model = copy.deepcopy(model).eval()
     fold_batchnorm(model)
-    for m in model.modules():  # activations right after a convolution: in place (no extra tensor per layer)
-        if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.Hardswish)):
-            m.inplace = True
     if device == "cpu":
         speed_up_convolutions(model)
     model = model.to(device)

@@ -77,7 +77,8 @@ class ExtractorWorker:
             # so small batches, and few extractions at once, are fastest: BENCHMARKS.md)
             threads = cfg.cpu_extract_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.cpu_extractions))
             self.ecfg = dataclasses.replace(self.ecfg, cpu_threads=threads)
-        self.extract.set_max_batch_size(cfg.batch_size if gpu else cfg.cpu_batch_size)
+        # on CPU the Extractor takes one image at a time (extract.cpu_batch_size): batches formed here would wait
+        self.extract.set_max_batch_size(cfg.batch_size if gpu else self.ecfg.cpu_batch_size)
         self.extract.set_batch_wait_timeout_s(cfg.batch_wait_s)
 
     def _get(self, ref: str):
@@ -209,10 +210,9 @@ class RerankerWorker:
         empty = (np.zeros((0, 2), np.uint16), np.zeros((0, store.dim or 1), np.int8), None)
         # an image deleted since the search stays in the list, with no inliers
         cands = [c if c is not None else empty for c in store.get_many([h["image_id"] for h in hits])]
-        keep = hits
         r = self.reranker.rerank(q["keypoints"], q["descriptors"], cands,
-                                 np.array([h["score"] for h in keep], np.float32))
-        return {"hits": [{**keep[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i])} for i in r.order],
+                                 np.array([h["score"] for h in hits], np.float32))
+        return {"hits": [{**hits[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i])} for i in r.order],
                 "compute_ms": (time.perf_counter() - t) * 1000}
 
 

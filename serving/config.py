@@ -21,8 +21,6 @@ class ServeConfig:
                                         # halves re-ranking time, same mAP on the embedded data: BENCHMARKS.md)
     no_match_threshold: float = 0.3     # recognition score min(70, inliers)/70 + 0.25 cos below this -> no match
     batch_size: int = 8                 # extractor micro-batch on GPU
-    cpu_batch_size: int = 1             # on CPU: per image (a 384 px pyramid about fills the cache; batches
-                                        # of 4 are ~25% slower per image than one at a time)
     cpu_extractions: int = 2            # on CPU: extractions at once, one thread each (BENCHMARKS.md)
     cpu_extract_threads: int = 0        # on CPU: threads per extraction; 0 = cores / cpu_extractions
     batch_wait_s: float = 0.01

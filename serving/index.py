@@ -164,11 +164,6 @@ class LocalFeatureStore:
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in values.items()])
             self._db.commit()
 
-    def size_of(self, image_id: str) -> tuple[int, int] | None:
-        row = self._db.execute("SELECT width, height FROM features WHERE image_id = ? AND deleted = 0",
-                               (image_id,)).fetchone()
-        return (int(row[0]), int(row[1])) if row else None
-
     def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(keypoints float32 [N x 2], descriptors float32 [N x d], unit length)."""
         row = self._db.execute("SELECT kp_offset, desc_offset, count FROM features WHERE image_id = ? AND "
