@@ -1,7 +1,7 @@
 """Index build throughput vs raw extraction throughput on the same images (the index must not be the
 bottleneck: within 10%).
 
-Run: .venv/bin/python benchmarks/index_bench.py [--size small] [--repeats 2]
+Run: .venv/bin/python benchmarks/index_bench.py [--size small|medium] [--repeats 2] [--engines local ray]
 In a temporary workspace: the generated dataset is ingested once, then per repeat (interleaved):
 raw `Extractor.extract` over the index images; `ilr index build --engine local` (extract + Milvus +
 local store + recall check); `--engine ray` (Ray Data map_batches actors). Each build starts from an
@@ -27,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="small")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"])
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ilr-index-bench-"))
     repo = root / "repo"
@@ -40,7 +41,7 @@ def main() -> None:
     from models.artifacts import off_the_shelf
     from models.config import ExtractConfig
     from models.extract import Extractor
-    from serving.index import build
+    from serving.index import build, choose_engine, index_config
 
     src, _ = small_dataset(args.size)
     ingest("synthetic", str(src), "bench", log=lambda *_: None)
@@ -49,12 +50,12 @@ def main() -> None:
     paths = [folder / p for p in df[df["split"] == "index"]["path"]]
     n = len(paths)
     ecfg = ExtractConfig()
-    rates: dict[str, list[float]] = {"raw extraction": [], "index build (local)": [], "index build (ray)": []}
+    rates: dict[str, list[float]] = {"raw extraction": [], **{f"index build ({e})": [] for e in args.engines}}
     for r in range(args.repeats):
         t0 = time.perf_counter()
         Extractor(off_the_shelf(), ecfg).extract(paths)
         rates["raw extraction"].append(n / (time.perf_counter() - t0))
-        for engine in ("local", "ray"):
+        for engine in args.engines:
             shutil.rmtree(root / "home" / "local_features", ignore_errors=True)
             shutil.rmtree(root / "home" / "milvus.db", ignore_errors=True)
             os.environ["ILR_HOME"] = str(root / f"home-{engine}-{r}")
@@ -64,7 +65,8 @@ def main() -> None:
             rates[f"index build ({engine})"].append(res.added / (time.perf_counter() - t0))
             os.environ["ILR_HOME"] = str(root / "home")
     base = statistics.median(rates["raw extraction"])
-    print(f"{n} index images of synthetic-{args.size}, max side {ecfg.max_side_px}px, scales {ecfg.scales}")
+    print(f"{n} index images of synthetic-{args.size}, max side {ecfg.max_side_px}px, scales {ecfg.scales}; "
+          f"--engine auto would take: {'%s (%s)' % choose_engine('auto', n, index_config())}")
     for k, v in rates.items():
         med = statistics.median(v)
         print(f"  {k:22s} {med:6.2f} img/s  ({med / base:.2f}x raw)  runs: {', '.join(f'{x:.2f}' for x in v)}")

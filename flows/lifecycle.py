@@ -95,7 +95,7 @@ def gate_task(dataset: str) -> dict:
 
 
 @task(retries=1, retry_delay_seconds=10)
-def index_task(dataset: str, model: str | None, engine: str) -> dict:
+def index_task(dataset: str, model: str | None, engine: str | None) -> dict:
     from models.config import extract_config
     from serving import milvus_server
     from serving.index import build, index_config
@@ -232,7 +232,7 @@ def train_and_register(dataset: str, trials: int | None = None, steps: int | Non
 
 
 @flow(name="build_and_swap_index", log_prints=True)
-def build_and_swap_index(dataset: str, model: str | None = None, engine: str = "ray") -> dict:
+def build_and_swap_index(dataset: str, model: str | None = None, engine: str | None = None) -> dict:
     """Index the dataset with the champion; the live alias moves after the ANN-recall check."""
     r = index_task(dataset, model, engine)
     _artifact("index", [f"dataset {dataset}", f"model {r['model']}", f"collection {r['collection']}",
@@ -262,7 +262,7 @@ def monitor(url: str | None = None, trigger: bool = True, trigger_mode: str = "b
 
 @flow(name="retrain", log_prints=True)
 def retrain(dataset: str | None = None, reason: str = "manual", trials: int | None = None,
-            steps: int | None = None, engine: str = "ray") -> dict:
+            steps: int | None = None, engine: str | None = None) -> dict:
     """train_and_register on the dataset (default: latest version of pipeline.dataset); if a new champion
     was promoted, or the live index is not the champion's, rebuild the index and swap; refresh serving."""
     from models import registry

@@ -44,6 +44,8 @@ class IndexConfig:
     recall_k: int = 100
     recall_queries: int = 200
     chunk: int = 64                   # images extracted and inserted per step
+    engine: str = "auto"              # ray | local | auto (see choose_engine)
+    ray_min_images: int = 1000        # auto: Ray Data from this many images to extract on one machine
 
 
 def index_config(**kw) -> IndexConfig:
@@ -248,11 +250,23 @@ class VectorIndex:
         if rows:
             self.client.insert(self.name, list(rows))
 
-    def seal(self) -> None:
+    def seal(self, timeout_s: float = 3600) -> None:
         """Flush buffered rows into segments and (re)load, which builds each segment's ANN index now.
         Milvus Lite otherwise keeps up to 128 MB of rows in an unindexed memtable and indexes merged
-        segments later in the background, and queries meanwhile scan and compete with that build."""
+        segments later in the background, and queries meanwhile scan and compete with that build.
+        A Milvus server builds segment indexes asynchronously after the flush: wait for them (Milvus Lite
+        reports them built at once), so that the recall check and the first queries use the real index."""
         self.client.flush(self.name)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self.client.describe_index(self.name, "vector") or {}
+            if int(info.get("pending_index_rows", 0)) == 0 and \
+                    int(info.get("indexed_rows", 0)) >= int(info.get("total_rows", 0)):
+                break
+            time.sleep(1)
+        else:
+            raise IlrError(f"Milvus did not finish indexing {self.name} within {timeout_s:.0f} s",
+                           hint="the collection stays usable; run the build again to resume")
         self.client.release_collection(self.name)
         self.client.load_collection(self.name)
         self._loaded = True
@@ -425,11 +439,31 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
                for _, r in batch.iterrows()]
 
 
+def choose_engine(engine: str, n_images: int, cfg: IndexConfig) -> tuple[str, str]:
+    """(engine, why). "auto" takes Ray Data where it pays: a Ray cluster (RAY_ADDRESS), GPUs, or a build big
+    enough to amortise starting Ray, its actor and the model (~8 s on 2 cores: 0.63x raw extraction on a
+    110-image build, BENCHMARKS.md); otherwise extraction in-process (1.03x)."""
+    if engine not in ("auto", "ray", "local"):
+        raise IlrError(f"unknown engine {engine!r}", hint="one of: auto, ray, local")
+    if engine != "auto":
+        return engine, "asked for"
+    if os.environ.get("RAY_ADDRESS"):
+        return "ray", "RAY_ADDRESS is set"
+    import torch
+
+    if torch.cuda.is_available():
+        return "ray", "GPUs present"
+    if n_images >= cfg.ray_min_images:
+        return "ray", f"{n_images} images >= index.ray_min_images ({cfg.ray_min_images})"
+    return "local", f"{n_images} images < index.ray_min_images ({cfg.ray_min_images}), one CPU machine"
+
+
 def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = None, ecfg=None,
           log_fn: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None,
-          engine: str = "ray", swap: bool = True) -> BuildResult:
+          engine: str | None = None, swap: bool = True) -> BuildResult:
     """Extract the index split of NAME[@VERSION] into a new (or partly built) collection, check its ANN
-    recall, then point the live alias at it. engine: "ray" (Ray Data map_batches) or "local" (in-process)."""
+    recall, then point the live alias at it. engine: "ray" (Ray Data map_batches), "local" (in-process) or
+    "auto" (choose_engine); default index.engine."""
     from models import registry
     from models.config import extract_config
 
@@ -447,8 +481,9 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
                    dataset_version=version.version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     index = VectorIndex.connect(name)
     todo = rows[~rows["image_id"].map(store.__contains__)].reset_index(drop=True)
+    engine, why = choose_engine(engine or cfg.engine, len(todo), cfg)
     log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}"
-           f" ({engine})")
+           f" ({engine}: {why})")
     created = index.client.has_collection(name)
     batches = (_extract_ray(todo, folder, model, ecfg, cfg.chunk, ilr_home() / "cache" / "extract-models" / name)
                if engine == "ray" and len(todo)

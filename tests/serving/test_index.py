@@ -7,7 +7,8 @@ from data.config import NO_LABEL
 from data.versioning import dataset_dir, ingest
 from models.config import ExtractConfig
 from models.extract import Features, unpack_local
-from serving.index import IndexConfig, LocalFeatureStore, VectorIndex, build
+from data.errors import IlrError
+from serving.index import IndexConfig, LocalFeatureStore, VectorIndex, build, choose_engine
 
 pytestmark = pytest.mark.integration
 ECFG = ExtractConfig(max_side_px=192, max_local_features=100)
@@ -42,7 +43,7 @@ def test_local_store_roundtrip_and_delete(tmp_path):
 
 def test_build_search_resume_and_alias(workspace, tiny_synthetic):
     ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
-    res = build("tiny", cfg=IndexConfig(chunk=8), ecfg=ECFG, log_fn=lambda *_: None)
+    res = build("tiny", cfg=IndexConfig(chunk=8), ecfg=ECFG, log_fn=lambda *_: None, engine="ray")
     df = manifest.read(dataset_dir("tiny")[1])
     n_index = int((df["split"] == "index").sum())
     assert res.added == n_index and res.recall >= 0.95 and res.alias_moved
@@ -64,6 +65,18 @@ def test_build_search_resume_and_alias(workspace, tiny_synthetic):
     # the alias does not move when the recall check fails
     bad = build("tiny", cfg=IndexConfig(chunk=8, min_recall=1.01, alias="other"), ecfg=ECFG, log_fn=lambda *_: None)
     assert not bad.alias_moved
+
+
+def test_engine_choice(monkeypatch):
+    cfg = IndexConfig(ray_min_images=100)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert choose_engine("auto", 99, cfg)[0] == "local"  # starting Ray costs more than it saves
+    assert choose_engine("auto", 100, cfg)[0] == "ray"
+    assert choose_engine("ray", 1, cfg) == ("ray", "asked for") and choose_engine("local", 10**6, cfg)[0] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:10001")
+    assert choose_engine("auto", 1, cfg) == ("ray", "RAY_ADDRESS is set")
+    with pytest.raises(IlrError, match="unknown engine"):
+        choose_engine("spark", 1, cfg)
 
 
 def test_store_recovers_from_an_interrupted_append(tmp_path):
