@@ -39,6 +39,10 @@ class TwoPass(DELG):
         return local_map, global_map
 
 
+ILR = "per-image loop (ilr engine: folded, ONNX Runtime backbone: the CPU default)"
+TORCH = "per-image loop (ilr engine: folded, torch backbone, channels_last)"
+
+
 def timed(fn, n_images: int) -> float:
     t0 = time.perf_counter()
     fn()
@@ -64,9 +68,11 @@ def main() -> None:
     two.load_state_dict(model.state_dict())
     two_pass = Extractor(two, ExtractConfig(max_side_px=args.max_side, batch_size=8, cpu_batch_size=8))
     batched.extract(paths[:8]), ref.extract_one(paths[0])  # warm-up
-    rows = {"per-image loop (reference way)": [], "per-image loop (ilr engine: folded model, channels_last)": [],
+    rows = {"per-image loop (reference way)": [], ILR: [], TORCH: [],
             "batched (ilr)": [], "two separate passes, batched": []}
     single_tuned = Extractor(copy.deepcopy(model), ExtractConfig(max_side_px=args.max_side, batch_size=1))
+    single_torch = Extractor(copy.deepcopy(model), ExtractConfig(max_side_px=args.max_side, batch_size=1,
+                                                                 cpu_runtime="torch"))
     diff_g = diff_l = diff_ref = 0.0
     same_kp = 1.0
     for _ in range(args.repeats):
@@ -76,8 +82,9 @@ def main() -> None:
                                                             len(paths)))
         torch.set_num_threads(tuned_threads)
         out_single = []
-        rows["per-image loop (ilr engine: folded model, channels_last)"].append(
+        rows[ILR].append(
             timed(lambda: out_single.extend(single_tuned.extract_one(p) for p in paths), len(paths)))
+        rows[TORCH].append(timed(lambda: [single_torch.extract_one(p) for p in paths], len(paths)))
         out_b = []
         rows["batched (ilr)"].append(timed(lambda: out_b.extend(batched.extract(paths)), len(paths)))
         rows["two separate passes, batched"].append(timed(lambda: two_pass.extract(paths), len(paths)))
@@ -93,12 +100,13 @@ def main() -> None:
     print(f"{len(paths)} images, max side {args.max_side}px, scales {batched.cfg.scales}, "
           f"{batched.max_local} local features; torch threads default {default_threads}, tuned {tuned_threads}")
     for k, v in med.items():
-        print(f"  {k:48s} {v:6.2f} img/s  (runs: {', '.join(f'{x:.2f}' for x in rows[k])})")
+        print(f"  {k:72s} {v:6.2f} img/s  (runs: {', '.join(f'{x:.2f}' for x in rows[k])})")
     print(f"batched / per-image loop (reference way): {med['batched (ilr)'] / med['per-image loop (reference way)']:.2f}x")
     print(f"batched / per-image loop (same engine settings): "
           f"{med['batched (ilr)'] / med['per-image loop (ilr engine: folded model, channels_last)']:.2f}x")
     print(f"ilr engine per image / reference per-image loop: "
           f"{med['per-image loop (ilr engine: folded model, channels_last)'] / med['per-image loop (reference way)']:.2f}x")
+    print(f"ONNX Runtime backbone / torch backbone, per image: {med[ILR] / med[TORCH]:.2f}x")
     print(f"unified / two separate passes: {med['batched (ilr)'] / med['two separate passes, batched']:.2f}x")
     print(f"max |difference| batched vs per-image (same engine): global {diff_g:.2e}, local {diff_l:.2e}")
     print(f"folded engine vs the model as trained: global max |difference| {diff_ref:.2e}, "

@@ -64,6 +64,7 @@ class ExtractConfig:
     cpu_threads: int = 0                      # 0 = measure once and pick the faster of 1 or all cores
     channels_last: bool = True                # NHWC tensors on CPU (faster oneDNN convolutions)
     optimize: bool = True                     # extract with a folded inference copy (models.extract.inference_copy)
+    cpu_runtime: str = "onnx"                 # onnx | torch: what runs the backbone on CPU (optimize only)
 
     def local_count(self, device: str) -> int:
         return self.max_local_features or (1000 if device.startswith("cuda") else 500)

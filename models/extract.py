@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -182,6 +184,33 @@ def inference_copy(model: DELG, device: str, channels_last: bool) -> DELG:
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+class OnnxBackbone:
+    """The backbone's forward pass in ONNX Runtime, for CPU extraction: 1.4x PyTorch's (folded, oneDNN) on
+    lite0 at one thread, outputs equal within 1e-4 (BENCHMARKS.md). Exported from a BatchNorm-folded copy
+    with dynamic batch, height and width ("same" padding stays size-dependent in the graph). ORT sessions
+    may be run from several threads at once; each call uses `threads` threads (1 = the calling thread)."""
+
+    def __init__(self, model: DELG, threads: int):
+        import onnxruntime as ort
+
+        folded = copy.deepcopy(model).eval().cpu()
+        fold_batchnorm(folded)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+            warnings.simplefilter("ignore")
+            torch.onnx.export(folded.backbone, (torch.zeros(1, 3, 64, 64),), buf, input_names=["x"],
+                              dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}}, opset_version=17, dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = max(1, threads), 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting beside torch
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self.session.run(None, {"x": x.contiguous().numpy()})
+        return tuple(torch.from_numpy(o) for o in outs)
+
+
 class Extractor:
     """Wraps a DELG model for inference on lists of images (RGB uint8 arrays or file paths)."""
 
@@ -201,6 +230,9 @@ class Extractor:
             self.threads = self.cfg.cpu_threads or best_cpu_threads(os.cpu_count() or 1)
             torch.set_num_threads(self.threads)
         self.max_local = self.cfg.local_count(self.device)
+        # the backbone in ONNX Runtime on CPU (see OnnxBackbone); heads, pooling and selection stay in torch
+        self.onnx = OnnxBackbone(model, self.threads) if (self.device == "cpu" and self.cfg.optimize and
+                                                          self.cfg.cpu_runtime == "onnx") else None
         mean = torch.tensor(model.cfg.mean).view(1, 3, 1, 1)
         std = torch.tensor(model.cfg.std).view(1, 3, 1, 1)
         self.mean, self.std = mean.to(self.device), std.to(self.device)
@@ -235,9 +267,12 @@ class Extractor:
         for s in self.local_scales:
             xs = x if s == 1.0 else F.interpolate(x, size=(max(stride, round(H * s)), max(stride, round(W * s))),
                                                   mode="bilinear", align_corners=False, antialias=s < 1)
-            if self.channels_last:
-                xs = xs.contiguous(memory_format=torch.channels_last)
-            local_map, global_map = self.model.features(xs)
+            if self.onnx is not None:
+                local_map, global_map = self.onnx(xs)
+            else:
+                if self.channels_last:
+                    xs = xs.contiguous(memory_format=torch.channels_last)
+                local_map, global_map = self.model.features(xs)
             if s in self.global_scales:
                 g_sum = g_sum + self.model.global_descriptor(global_map).float()
             attn, desc = self.model.local_head(local_map)

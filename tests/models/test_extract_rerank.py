@@ -137,3 +137,24 @@ def test_inference_copy_matches_the_model(batch):
         assert torch.allclose(ref_desc, out_desc, atol=1e-4)
         assert torch.allclose(model.global_descriptor(ref_global), fast.global_descriptor(out_global), atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_onnx_backbone_equals_torch():
+    """The CPU default runs the backbone in ONNX Runtime: same global descriptors (float rounding), same
+    keypoints and descriptors as the torch engine, at sides that are odd multiples and batched."""
+    from models.extract import OnnxBackbone
+
+    torch.manual_seed(2)
+    model = DELG(ModelConfig(dim=32), num_classes=5, load_pretrained=True).eval()
+    cfg = dict(max_side_px=160, cpu_batch_size=2, max_local_features=50, cpu_threads=1)
+    onnx = Extractor(model, ExtractConfig(**cfg))
+    plain = Extractor(model, ExtractConfig(**cfg, cpu_runtime="torch"))
+    assert isinstance(onnx.onnx, OnnxBackbone) and plain.onnx is None
+    x = torch.randn(2, 3, 97, 130)
+    with torch.inference_mode():
+        ref = model.features(x)
+    for a, b in zip(onnx.onnx(x), ref):  # dynamic batch and sides; "same" padding follows the size
+        assert a.shape == b.shape and ((a - b).abs().max() / b.abs().max()).item() < 1e-4
+    for a, b in zip(onnx.extract(_images()), plain.extract(_images())):
+        assert np.abs(a.global_desc - b.global_desc).max() < 1e-5
+        assert a.keypoints.shape == b.keypoints.shape and np.abs(a.descriptors - b.descriptors).max() < 1e-3
