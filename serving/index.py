@@ -441,8 +441,9 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
 
 def choose_engine(engine: str, n_images: int, cfg: IndexConfig) -> tuple[str, str]:
     """(engine, why). "auto" takes Ray Data where it pays: a Ray cluster (RAY_ADDRESS), GPUs, or a build big
-    enough to amortise starting Ray, its actor and the model (~8 s on 2 cores: 0.63x raw extraction on a
-    110-image build, BENCHMARKS.md); otherwise extraction in-process (1.03x)."""
+    enough to amortise starting Ray, its actor and the model (~8 s on 2 cores: Ray Data ran at 0.60x raw
+    extraction on a 110-image build, 1.08x on 1,000 images; in-process 0.99x: BENCHMARKS.md); otherwise
+    extraction in-process."""
     if engine not in ("auto", "ray", "local"):
         raise IlrError(f"unknown engine {engine!r}", hint="one of: auto, ray, local")
     if engine != "auto":
