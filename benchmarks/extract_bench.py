@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-side", type=int, default=384)
+    ap.add_argument("--threads", type=int, default=0, help="threads of the ilr engines (0 = tuned); the "
+                                                           "service extracts on 1 thread, two at once")
     args = ap.parse_args()
     folder, df = small_dataset("small")
     paths = [folder / p for p in df[df["split"] == "index"]["path"][: args.images]]
@@ -62,18 +64,22 @@ def main() -> None:
     # the reference way: one image at a time, default threads, NCHW tensors, the model as trained
     ref = Extractor(copy.deepcopy(model), ExtractConfig(max_side_px=args.max_side, batch_size=1, cpu_threads=default_threads,
                                          channels_last=False, optimize=False))
-    batched = Extractor(copy.deepcopy(model), ExtractConfig(max_side_px=args.max_side, batch_size=8, cpu_batch_size=8))
+    batched = Extractor(copy.deepcopy(model), ExtractConfig(max_side_px=args.max_side, batch_size=8, cpu_batch_size=8,
+                                                            cpu_threads=args.threads))
     tuned_threads = torch.get_num_threads()
     two = TwoPass(ModelConfig(), off_the_shelf=True)
     two.load_state_dict(model.state_dict())
     # per image on the torch backbone, as TORCH below: ONNX Runtime would merge the two identical backbone
     # passes of an exported graph (common-subexpression elimination), and the ONNX path runs `backbone` once
-    two_pass = Extractor(two, ExtractConfig(max_side_px=args.max_side, batch_size=1, cpu_runtime="torch"))
+    two_pass = Extractor(two, ExtractConfig(max_side_px=args.max_side, batch_size=1, cpu_runtime="torch",
+                                                 cpu_threads=args.threads))
     batched.extract(paths[:8]), ref.extract_one(paths[0])  # warm-up
     rows = {"per-image loop (reference way)": [], ILR: [], TORCH: [],
             "batched (ilr)": [], "two separate passes (per image, torch backbone)": []}
-    single_tuned = Extractor(copy.deepcopy(model), ExtractConfig(max_side_px=args.max_side, batch_size=1))
+    single_tuned = Extractor(copy.deepcopy(model), ExtractConfig(max_side_px=args.max_side, batch_size=1,
+                                                                 cpu_threads=args.threads))
     single_torch = Extractor(copy.deepcopy(model), ExtractConfig(max_side_px=args.max_side, batch_size=1,
+                                                                 cpu_threads=args.threads,
                                                                  cpu_runtime="torch"))
     diff_g = diff_l = diff_ref = 0.0
     same_kp = 1.0
