@@ -41,7 +41,7 @@ def main() -> None:
     from models.artifacts import off_the_shelf
     from models.config import ExtractConfig
     from models.extract import Extractor
-    from serving.index import build, choose_engine, index_config
+    from serving.index import build, choose_engine
 
     src, _ = small_dataset(args.size)
     ingest("synthetic", str(src), "bench", log=lambda *_: None)
@@ -66,7 +66,7 @@ def main() -> None:
             os.environ["ILR_HOME"] = str(root / "home")
     base = statistics.median(rates["raw extraction"])
     print(f"{n} index images of synthetic-{args.size}, max side {ecfg.max_side_px}px, scales {ecfg.scales}; "
-          f"--engine auto would take: {'%s (%s)' % choose_engine('auto', n, index_config())}")
+          f"--engine auto would take: {'%s (%s)' % choose_engine('auto', n)}")
     for k, v in rates.items():
         med = statistics.median(v)
         print(f"  {k:22s} {med:6.2f} img/s  ({med / base:.2f}x raw)  runs: {', '.join(f'{x:.2f}' for x in v)}")

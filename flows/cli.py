@@ -284,9 +284,8 @@ app.add_typer(index_app, name="index")
 def index_build(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
                 model: Optional[str] = typer.Option(None, help="model URI; default: champion, else off-the-shelf"),
                 engine: Optional[str] = typer.Option(
-                    None, help="auto (default, index.engine: Ray Data on a Ray cluster, with GPUs or from "
-                               "index.ray_min_images images; else in-process) | ray (Ray Data map_batches, GPU "
-                               "actors when present) | local")):
+                    None, help="auto (default, index.engine: Ray Data on a Ray cluster or with GPUs, else "
+                               "in-process) | ray (Ray Data map_batches, GPU actors when present) | local")):
     """Extract the index images into a Milvus collection per (model, dataset) version; move `ilr_live`
     to it after an ANN-recall check. Resumable."""
     from rich.progress import Progress

@@ -20,6 +20,7 @@ import re
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,8 +45,7 @@ class IndexConfig:
     recall_k: int = 100
     recall_queries: int = 200
     chunk: int = 64                   # images extracted and inserted per step
-    engine: str = "auto"              # ray | local | auto (see choose_engine)
-    ray_min_images: int = 1000        # auto: Ray Data from this many images to extract on one machine
+    engine: str = "auto"              # ray | local | auto (Ray Data on a Ray cluster or with GPUs: choose_engine)
 
 
 def index_config(**kw) -> IndexConfig:
@@ -439,11 +439,11 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
                for _, r in batch.iterrows()]
 
 
-def choose_engine(engine: str, n_images: int, cfg: IndexConfig) -> tuple[str, str]:
-    """(engine, why). "auto" takes Ray Data where it pays: a Ray cluster (RAY_ADDRESS), GPUs, or a build big
-    enough to amortise starting Ray, its actor and the model (~8 s on 2 cores: Ray Data ran at 0.60x raw
-    extraction on a 110-image build, 1.08x on 1,000 images; in-process 0.99x: BENCHMARKS.md); otherwise
-    extraction in-process."""
+def choose_engine(engine: str, n_images: int) -> tuple[str, str]:
+    """(engine, why). "auto" takes Ray Data where it adds workers: a Ray cluster (RAY_ADDRESS) or GPUs. On a
+    lone CPU machine one extraction actor would use the same cores as the in-process path, plus Ray's
+    start-up (~8 s) and its data transfers: 0.60x raw extraction on a 110-image build, 0.86x on 1,000
+    images, against 0.87-1.11x in-process (BENCHMARKS.md)."""
     if engine not in ("auto", "ray", "local"):
         raise IlrError(f"unknown engine {engine!r}", hint="one of: auto, ray, local")
     if engine != "auto":
@@ -454,9 +454,7 @@ def choose_engine(engine: str, n_images: int, cfg: IndexConfig) -> tuple[str, st
 
     if torch.cuda.is_available():
         return "ray", "GPUs present"
-    if n_images >= cfg.ray_min_images:
-        return "ray", f"{n_images} images >= index.ray_min_images ({cfg.ray_min_images})"
-    return "local", f"{n_images} images < index.ray_min_images ({cfg.ray_min_images}), one CPU machine"
+    return "local", f"{n_images} images on one CPU machine: in-process is faster than Ray Data there"
 
 
 def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = None, ecfg=None,
@@ -470,6 +468,10 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
 
     cfg, ecfg = cfg or index_config(), ecfg or extract_config()  # the service extracts queries with params.yaml's
     t0 = time.perf_counter()
+    # the Milvus client (pymilvus import + connection, ~1 s) is made while the dataset and model resolve
+    connecting = ThreadPoolExecutor(max_workers=1)
+    client = connecting.submit(milvus_client)
+    connecting.shutdown(wait=False)
     version, folder = dataset_dir(dataset)
     model, model_ref = registry.resolve(model_uri)
     name = collection_name(model_key(model, model_ref), version.name, version.version)
@@ -480,9 +482,9 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
     store = LocalFeatureStore(store_dir(name))
     store.set_meta(model=model_ref, dataset=version.ref, dataset_name=version.name,
                    dataset_version=version.version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    index = VectorIndex.connect(name)
+    index = VectorIndex(client.result(), name)
     todo = rows[~rows["image_id"].map(store.__contains__)].reset_index(drop=True)
-    engine, why = choose_engine(engine or cfg.engine, len(todo), cfg)
+    engine, why = choose_engine(engine or cfg.engine, len(todo))
     log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}"
            f" ({engine}: {why})")
     created = index.client.has_collection(name)
