@@ -185,20 +185,20 @@ def inference_copy(model: DELG, device: str, channels_last: bool) -> DELG:
 
 
 class OnnxBackbone:
-    """The backbone's forward pass in ONNX Runtime, for CPU extraction: 1.4x PyTorch's (folded, oneDNN) on
-    lite0 at one thread, outputs equal within 1e-4 (BENCHMARKS.md). Exported from a BatchNorm-folded copy
-    with dynamic batch, height and width ("same" padding stays size-dependent in the graph). ORT sessions
+    """The backbone's forward pass in ONNX Runtime, for CPU extraction: 1.4-1.7x PyTorch's (folded, oneDNN)
+    on lite0 at one thread, outputs equal within 1e-4 (BENCHMARKS.md). Exported from a BatchNorm-folded copy
+    of the backbone (the heads stay in torch) with dynamic batch, height and width ("same" padding stays size-dependent in the graph). ORT sessions
     may be run from several threads at once; each call uses `threads` threads (1 = the calling thread)."""
 
     def __init__(self, model: DELG, threads: int):
         import onnxruntime as ort
 
-        folded = copy.deepcopy(model).eval().cpu()
-        fold_batchnorm(folded)
+        backbone = copy.deepcopy(model.backbone).eval().cpu()
+        fold_batchnorm(backbone)
         buf = io.BytesIO()
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
             warnings.simplefilter("ignore")
-            torch.onnx.export(folded.backbone, (torch.zeros(1, 3, 64, 64),), buf, input_names=["x"],
+            torch.onnx.export(backbone, (torch.zeros(1, 3, 64, 64),), buf, input_names=["x"],
                               dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}}, opset_version=17, dynamo=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = max(1, threads), 1
