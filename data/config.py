@@ -9,9 +9,20 @@ from pathlib import Path
 
 import yaml
 
+from data.errors import IlrError
+
 DOMAINS = ("landmark", "artwork", "product", "other")
 SPLITS = ("train", "val", "index", "query")
 NO_LABEL = "__none__"  # label of distractors / non-landmark images: never a positive
+
+
+DEFAULT_MODEL_NAME = "ilr-delg"   # registered model name unless ILR_MODEL_NAME says otherwise
+
+# The workspace settings every process of one run must agree on. The driver resolves them (worker_env) and
+# hands exactly these to every worker it starts: Ray Tune trials, Ray Data actors, Serve replicas, and the
+# background processes (service, retrain). Nothing in a worker resolves them from its current directory.
+WORKSPACE_ENV = ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "MILVUS_URI", "ILR_MODEL_NAME",
+                 "ILR_API_TOKEN")
 
 
 def ilr_home() -> Path:
@@ -29,24 +40,78 @@ def repo_root() -> Path:
     return Path(out.stdout.strip()).resolve() if out.returncode == 0 else Path.cwd().resolve()
 
 
+def params_path() -> Path:
+    """The params file: $ILR_PARAMS, else <repo>/params.yaml."""
+    env = os.environ.get("ILR_PARAMS")
+    return Path(env).expanduser().resolve() if env else repo_root() / "params.yaml"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{ilr_home() / 'mlflow.db'}"
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The workspace resolved to absolute values, for handing to workers (WORKSPACE_ENV keys only).
+    `extra` adds values the caller resolved itself (MILVUS_URI, known once a Milvus server runs)."""
+    env = {k: os.environ[k] for k in WORKSPACE_ENV if os.environ.get(k)}
+    env.update(ILR_REPO=str(repo_root()), ILR_HOME=str(ilr_home()), ILR_PARAMS=str(params_path()))
+    env.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
+    env.setdefault("ILR_MODEL_NAME", DEFAULT_MODEL_NAME)
+    env.update({k: v for k, v in extra.items() if k in WORKSPACE_ENV and v})
+    return env
+
+
+def pin_workspace(**extra: str) -> dict[str, str]:
+    """Resolve the workspace once, in the driver, and export it: every child process and every worker
+    that applies worker_env() then sees the same absolute repo, home, params file and stores."""
+    env = worker_env(**extra)
+    os.environ.update(env)
+    return env
+
+
+def apply_worker_env(env: dict[str, str]) -> None:
+    """In a worker: adopt the driver's workspace (see WORKSPACE_ENV)."""
+    os.environ.update({k: v for k, v in env.items() if k in WORKSPACE_ENV and v})
+
+
 @lru_cache(maxsize=8)
-def _read_params(path: str) -> dict:
-    p = Path(path)
-    return yaml.safe_load(p.read_text()) or {} if p.exists() else {}
+def _read_params(path: str, mtime_ns: int) -> dict:
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise IlrError(f"params file is not valid YAML: {e}", where=path) from None
+    if not isinstance(doc, dict):
+        raise IlrError("params file must be a mapping of sections", where=path)
+    return doc
 
 
 def params(section: str) -> dict:
-    """One section of params.yaml ($ILR_PARAMS, else <repo>/params.yaml); {} when absent."""
-    path = os.environ.get("ILR_PARAMS") or str(repo_root() / "params.yaml")
-    return dict(_read_params(path).get(section) or {})
+    """One raw section of the params file ({} when absent). Prefer from_params(): it types and checks it."""
+    path = params_path()
+    if not path.exists():
+        return {}
+    value = _read_params(str(path), path.stat().st_mtime_ns).get(section) or {}
+    if not isinstance(value, dict):
+        raise IlrError(f"section {section!r} must be a mapping", where=str(path))
+    return dict(value)
 
 
 def from_params(cls, section: str, **overrides):
-    """Build a config dataclass from a params.yaml section; unknown keys are ignored."""
+    """The typed settings of one params.yaml section: dataclass defaults <- the file <- non-None overrides.
+    Every setting of every layer is read through here. An unknown key is an error, not a silent no-op."""
     names = {f.name for f in fields(cls)}
-    values = {k: v for k, v in params(section).items() if k in names}
+    values = params(section)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise IlrError(f"unknown setting(s) {', '.join(unknown)} in section {section!r}", where=str(params_path()),
+                       hint=f"known: {', '.join(sorted(names))}")
+    values = {k: tuple(v) if isinstance(v, list) and k in _tuple_fields(cls) else v for k, v in values.items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
+
+
+def _tuple_fields(cls) -> set[str]:
+    return {f.name for f in fields(cls) if "tuple" in str(f.type)}
 
 
 @dataclass
@@ -60,3 +125,14 @@ class DataConfig:
     link: bool = False                       # hard-link source images into the store instead of copying
     val_fraction: float = 0.1                # for formats without a validation split (GLDv2, SOP)
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 2))
+
+
+@dataclass
+class SyntheticConfig:
+    """`dvc repro`'s generate stage (params.yaml `synthetic`)."""
+    size: str = "small"
+    seed: int = 0
+
+
+def data_config(**kw) -> DataConfig:
+    return from_params(DataConfig, "data", **kw)

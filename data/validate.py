@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from data import manifest
-from data.config import SPLITS, DataConfig, ilr_home
+from data.config import SPLITS, DataConfig, data_config, ilr_home
 from data.errors import ValidationFailed
 from data.images import probe_many
 
@@ -205,7 +205,7 @@ def run_expectations(t: pd.DataFrame, name: str, cfg: DataConfig) -> Report:
 def validate(df: pd.DataFrame, folder: Path, name: str, cfg: DataConfig | None = None,
              report_path: Path | None = None, origin: pd.Series | None = None) -> Report:
     """Validate a dataset folder; raise ValidationFailed (with a readable summary) when any rule fails."""
-    cfg = cfg or DataConfig()
+    cfg = cfg or data_config()
     facts = image_facts(df, Path(folder), cfg, origin)
     report = run_expectations(facts, name, cfg)
     report.summary = {**dataset_summary(facts, cfg.near_duplicate_bits), "counts": manifest.counts(df)}

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from data import manifest, synthetic
-from data.config import DataConfig, ilr_home, repo_root
+from data.config import DataConfig, data_config, ilr_home, repo_root
 from data.errors import DataFormatError, ImageError, VersioningError
 from data.formats import Source, get_reader
 from data.images import IMAGE_EXTENSIONS
@@ -211,7 +211,7 @@ def _dvc_md5(dvc_file: Path) -> str:
 def ingest(fmt: str, source: str, name: str, cfg: DataConfig | None = None, repo: Path | None = None,
            log=print, **opts) -> tuple[Version, Report]:
     """Read -> stage -> validate -> (only if valid) move into the store, dvc add, git commit, dvc push, tag."""
-    cfg = cfg or DataConfig()
+    cfg = cfg or data_config()
     repo = repo or repo_root()
     check_name(name)
     staging_root = ilr_home() / "staging"
@@ -293,7 +293,7 @@ def _commit(staged: Path, name: str, df: pd.DataFrame, fmt: str, repo: Path, cfg
 
 def checkout(ref: str, repo: Path | None = None, cfg: DataConfig | None = None) -> tuple[Version, Path]:
     """Restore NAME@VERSION into the store (git checkout of NAME.dvc, then dvc checkout or pull)."""
-    cfg = cfg or DataConfig()
+    cfg = cfg or data_config()
     repo = repo or repo_root()
     name, ver = parse_ref(ref)
     v = find_version(name, ver, repo)
@@ -310,7 +310,7 @@ def checkout(ref: str, repo: Path | None = None, cfg: DataConfig | None = None) 
 
 def dataset_dir(ref: str, repo: Path | None = None, cfg: DataConfig | None = None) -> tuple[Version, Path]:
     """The folder holding NAME@VERSION, restoring it when the store holds another version."""
-    cfg = cfg or DataConfig()
+    cfg = cfg or data_config()
     repo = repo or repo_root()
     name, ver = parse_ref(ref)
     v = find_version(name, ver, repo)

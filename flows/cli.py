@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from data.config import DataConfig, from_params, ilr_home, params
+from data.config import DataConfig, data_config, ilr_home, pin_workspace
 from data.errors import IlrError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -39,7 +39,20 @@ def _write_metrics(path: Optional[Path], metrics: dict) -> None:
 
 
 def _data_cfg(**overrides) -> DataConfig:
-    return from_params(DataConfig, "data", **overrides)
+    return data_config(**overrides)
+
+
+@app.callback()
+def _workspace() -> None:
+    """Resolve the workspace once, here in the driver (absolute repo, home, params file, stores): every
+    worker and background process this command starts gets these values. A bad params file stops here."""
+    from flows.config import check_params
+
+    try:
+        pin_workspace()
+        check_params()
+    except IlrError as e:
+        _fail(e)
 
 
 @data_app.command("generate")
@@ -237,10 +250,10 @@ def model_gate(dataset: str = typer.Option(..., help="gating dataset NAME[@VERSI
                                                                   "gate.margin)"),
                rerank: bool = typer.Option(True, "--rerank/--no-rerank")):
     """Evaluate challenger vs champion on the gating set; promote the challenger only if it wins by `margin`."""
-    from models.config import extract_config
+    from models.config import extract_config, gate_config
     from models.registry import gate
 
-    margin = margin if margin is not None else float(params("gate").get("margin", 0.0))
+    margin = gate_config(margin=margin).margin
     try:
         d = gate(dataset, margin, rerank=rerank, ecfg=extract_config(), log_fn=console.print)
     except IlrError as e:
@@ -380,14 +393,14 @@ def demo(size: str = typer.Option(None, help="synthetic size (default: params.ya
     """The whole lifecycle on the embedded dataset, through the Prefect flows: generate, ingest, validate,
     version -> tune -> register -> gate -> promote -> index -> serve -> queries + canary -> dashboard ->
     a second dataset version fires the retrain trigger. Leaves the service running (`ilr stop`)."""
+    from flows.config import demo_config
     from flows.demo import run_demo
+    from serving.config import serve_config
 
-    cfg = params("demo")
     console.rule("ilr demo")
     try:
-        run_demo(size or cfg.get("size", "small"), seed if seed is not None else int(cfg.get("seed", 0)),
-                 port or int(params("serve").get("port", 8000)), trials or cfg.get("trials"), steps or cfg.get("steps"),
-                 second_version, console)
+        cfg = demo_config(size=size, seed=seed, trials=trials, steps=steps)
+        run_demo(cfg.size, cfg.seed, serve_config(port=port).port, cfg.trials, cfg.steps, second_version, console)
     except IlrError as e:
         _fail(e)
 
@@ -416,9 +429,10 @@ def retrain_cmd(dataset: str = typer.Option(None, help="NAME[@VERSION] (default:
                 record: bool = typer.Option(True, help="record the trigger (off when a trigger started this run)")):
     """Run the retrain flow now: tune -> challenger -> gate -> promote -> index -> refresh serving."""
     from flows import lifecycle
+    from flows.config import pipeline_config
 
-    dataset = dataset or params("pipeline").get("dataset")
     try:
+        dataset = pipeline_config(dataset=dataset).dataset
         with lifecycle.retrain_lock():
             if record:
                 lifecycle.fire_retrain("ilr.retrain.manual", reason, dataset, mode="record")

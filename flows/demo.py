@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import time
 
-from data.config import ilr_home, params
+from data.config import ilr_home
 
 
 def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | None, second_version: bool,
              console) -> dict:
     from flows import lifecycle as lc
+    from monitoring.config import monitor_config
     from serving.client import Client
 
     name = f"synthetic-{size}"
@@ -51,7 +52,7 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
         say(f"   query {q['image_id']} (instance {q['label']}) -> {top['image_id']} [{top['label']}] "
             f"inliers {top['inliers']} in {res['timings_ms']['total_ms']:.0f} ms")
     mon = lc.monitor(url, trigger=True)
-    say(f"5. canary: mAP@{params('monitoring').get('k', 100)} {mon['map_at_k']:.3f}, recall@k {mon['recall_at_k']:.3f}, "
+    say(f"5. canary: mAP@{monitor_config().k} {mon['map_at_k']:.3f}, recall@k {mon['recall_at_k']:.3f}, "
         f"top-1 {mon['top1']:.3f}, p50 {mon['p50_ms']:.0f} ms; ANN recall {mon['ann_recall']:.3f}; "
         f"drift MMD^2 {mon['drift']['mmd']:.4f}; quality drop: {mon['quality_drop']}")
     import httpx

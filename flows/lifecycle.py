@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from data.config import ilr_home, params
+from data.config import ilr_home, worker_env
 
 os.environ.setdefault("PREFECT_HOME", str(ilr_home() / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -58,11 +58,11 @@ def _artifact(key: str, lines: list[str]) -> None:
 
 @task(retries=1, retry_delay_seconds=5)
 def ingest_task(fmt: str, source: str, name: str, seed: int | None = None) -> dict:
-    from data.config import DataConfig, from_params
+    from data.config import data_config
     from data.versioning import ingest
 
     opts = {"seed": seed} if seed is not None else {}
-    version, report = ingest(fmt, source, name, from_params(DataConfig, "data"), log=_log(), **opts)
+    version, report = ingest(fmt, source, name, data_config(), log=_log(), **opts)
     return {"ref": version.ref, "unchanged": version.unchanged, "dvc_md5": version.dvc_md5,
             "git_rev": version.git_rev, "docs": str(report.docs_path)}
 
@@ -87,9 +87,9 @@ def ensure_champion_task() -> str:
 @task
 def gate_task(dataset: str) -> dict:
     from models import registry
-    from models.config import extract_config
+    from models.config import extract_config, gate_config
 
-    d = registry.gate(dataset, float(params("gate").get("margin", 0.0)), ecfg=extract_config(), log_fn=_log())
+    d = registry.gate(dataset, gate_config().margin, ecfg=extract_config(), log_fn=_log())
     return {"promoted": d.promoted, "challenger": d.challenger, "champion": d.champion, "reason": d.reason,
             "challenger_score": d.challenger_score, "champion_score": d.champion_score, "run_id": d.run_id}
 
@@ -177,7 +177,7 @@ def spawn_retrain(dataset: str, reason: str) -> dict:
     exe = Path(sys.executable).with_name("ilr")
     proc = subprocess.Popen([str(exe) if exe.exists() else "ilr", "retrain", "--dataset", dataset, "--reason", reason,
                              "--no-record"], stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "ILR_HOME": str(ilr_home())})
+                            start_new_session=True, env={**os.environ, **worker_env()})
     return {"how": f"background process {proc.pid}", "pid": proc.pid, "log": str(log)}
 
 
@@ -271,7 +271,9 @@ def retrain(dataset: str | None = None, reason: str = "manual", trials: int | No
 
     from data.versioning import dataset_dir
 
-    dataset = dataset_dir(dataset or params("pipeline").get("dataset", "synthetic-small"))[0].ref
+    from flows.config import pipeline_config
+
+    dataset = dataset_dir(pipeline_config(dataset=dataset).dataset)[0].ref
     _log()(f"retrain {dataset}: {reason}")
     tr = train_and_register(dataset, trials, steps)
     live = sindex.live()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from data.config import DEFAULT_MODEL_NAME
 from data.errors import IlrError
-from models.config import ModelConfig
+from models.config import ModelConfig, model_config
 from models.delg import DELG
 
 WEIGHTS, CONFIG = "weights.pt", "config.json"
@@ -41,10 +42,10 @@ def off_the_shelf(cfg: ModelConfig | None = None) -> DELG:
     Its unused heads are seeded, so the same model (and weights hash) comes out every time."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return DELG(cfg or ModelConfig(), off_the_shelf=True).eval()
+        return DELG(cfg or model_config(), off_the_shelf=True).eval()
 
 
-REGISTERED_MODEL = "ilr-delg"
+REGISTERED_MODEL = DEFAULT_MODEL_NAME
 
 
 def download(uri: str) -> Path:

@@ -21,8 +21,8 @@ class ModelConfig:
     dynamic_margins: bool = False             # class-frequency margins (GLR 2020/2021 winners)
     attention_loss_weight: float = 1.0
     reconstruction_loss_weight: float = 10.0
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mean: tuple[float, float, float] | None = None   # None = the backbone's pretrained normalisation (timm)
+    std: tuple[float, float, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +72,9 @@ class ExtractConfig:
 
 @dataclass
 class RerankConfig:
-    top_k: int = 100
+    top_k: int = 50                           # global top-K re-ranked per query, by evaluation, the gate and the
+                                              # service alike (DELG: 100; on 2 CPU cores 50 halves re-ranking
+                                              # time for the same mAP on the embedded data: BENCHMARKS.md)
     match: str = "mutual"                     # mutual nearest neighbours, and within max_distance
     max_distance: float = 0.9                 # descriptor L2 distance bound (DELG: 0.9-1.0)
     ransac: str = "magsac"                    # magsac | ransac (OpenCV), affine model
@@ -81,6 +83,43 @@ class RerankConfig:
     ransac_iters: int = 1000
     min_inliers: int = 4
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 2))
+
+
+@dataclass
+class GateConfig:
+    """The promotion gate (params.yaml `gate`)."""
+    margin: float = 0.0                       # the challenger must beat the champion by more than this
+
+
+def gate_config(**kw) -> GateConfig:
+    return from_params(GateConfig, "gate", **kw)
+
+
+@dataclass
+class TuneConfig:
+    trials: int = 4
+    steps: int = 0                           # per trial; 0 = train.steps
+    val_every: int = 0                       # 0 = train.val_every
+    cpus_per_trial: float = 0.5
+    gpus_per_trial: float = 0.0              # > 0 only takes effect where the cluster has GPUs
+    max_concurrent: int = 0                  # 0 = as many as the resources allow
+    grace_period: int = 1                    # ASHA: validations before a trial can be stopped
+    reduction_factor: int = 2
+    seed: int = 0
+    space: dict = field(default_factory=lambda: {
+        "lr": ["loguniform", 0.003, 0.05],
+        "arcface_margin": ["uniform", 0.05, 0.3],
+        "arcface_scale": ["choice", [0.0, 16.0, 32.0]],
+        "dim": ["choice", [256, 512]],
+        "image_size": ["choice", [160, 224]],
+        "gem_p": ["uniform", 2.0, 4.0],
+        "attention_loss_weight": ["uniform", 0.5, 2.0],
+        "reconstruction_loss_weight": ["choice", [1.0, 10.0]],
+    })
+
+
+def tune_config(**kw) -> TuneConfig:
+    return from_params(TuneConfig, "tune", **kw)
 
 
 def model_config(**kw) -> ModelConfig:

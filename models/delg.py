@@ -7,6 +7,7 @@ scale sqrt(D) (not trained), attention = 1x1 conv -> BN -> ReLU -> 1x1 conv -> s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -88,9 +89,13 @@ class DELG(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int = 0, class_counts: torch.Tensor | None = None,
                  load_pretrained: bool | None = None, off_the_shelf: bool = False):
         super().__init__()
-        self.cfg = cfg
         self.off_the_shelf = off_the_shelf
         self.backbone = create_backbone(cfg.backbone, cfg.pretrained if load_pretrained is None else load_pretrained)
+        if cfg.mean is None or cfg.std is None:  # the backbone's own normalisation, kept with its timm config
+            norm = getattr(self.backbone, "pretrained_cfg", None) or {}
+            cfg = dataclasses.replace(cfg, mean=tuple(norm.get("mean", (0.485, 0.456, 0.406))),
+                                      std=tuple(norm.get("std", (0.229, 0.224, 0.225))))
+        self.cfg = cfg
         c_local, c_global = self.backbone.feature_info.channels()
         self.local_stride, self.global_stride = self.backbone.feature_info.reduction()
         self.local_dim = cfg.local_dim or (128 if c_local >= 256 else 64)

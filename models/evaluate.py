@@ -24,7 +24,7 @@ from data.errors import IlrError
 from data.images import load_rgb
 from data.versioning import dataset_dir
 from models import metrics, registry, tracking
-from models.config import ExtractConfig, RerankConfig, resolve_device
+from models.config import ExtractConfig, RerankConfig, extract_config, rerank_config, resolve_device
 from models.extract import Extractor, Features, pack_local, unpack_local
 from models.rerank import Reranker, recognition_score
 
@@ -107,7 +107,7 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
              out_dir: Path | None = None, log_mlflow: bool = True, log_fn: Callable[[str], None] = print,
              model=None, model_name: str | None = None) -> Evaluation:
     """Extract, search, optionally re-rank, and score `dataset` (NAME[@VERSION]) with its protocol."""
-    ecfg, rcfg = ecfg or ExtractConfig(), rcfg or RerankConfig()
+    ecfg, rcfg = ecfg or extract_config(), rcfg or rerank_config()
     version, folder = dataset_dir(dataset)
     df, info = manifest.read(folder), manifest.read_info(folder)
     protocol = info.get("protocol", "labels")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from data.images import load_rgb
-from models.config import ExtractConfig, resolve_device
+from models.config import ExtractConfig, extract_config, resolve_device
 from models.delg import DELG
 
 QUANT = 127.0
@@ -215,7 +215,7 @@ class Extractor:
     """Wraps a DELG model for inference on lists of images (RGB uint8 arrays or file paths)."""
 
     def __init__(self, model: DELG, cfg: ExtractConfig | None = None, device: str | None = None):
-        self.cfg = cfg or ExtractConfig()
+        self.cfg = cfg or extract_config()
         self.device = resolve_device(device or self.cfg.device)
         self.channels_last = self.device == "cpu" and self.cfg.channels_last
         if self.cfg.optimize:

@@ -52,16 +52,28 @@ def log_model(model: DELG, folder: Path, extra: dict | None = None):
 
 
 def register(model_uri: str, tags: dict | None = None, alias: str | None = "challenger") -> str:
-    """Register a logged model under the model name; tag it and set `alias`. Returns the version."""
+    """Register a logged model under the model name; tag it and set `alias`. Returns the version.
+    Idempotent per training run: a model whose `train_run_id` is registered already (a re-run that resumed
+    a finished search) keeps its version instead of getting a new one."""
     import mlflow
 
     c = client()
-    mv = mlflow.register_model(model_uri, model_name())
-    for k, v in (tags or {}).items():
-        c.set_model_version_tag(model_name(), mv.version, k, str(v))
+    version = _version_of_run(tags.get("train_run_id")) if tags and tags.get("train_run_id") else None
+    if version is None:
+        version = str(mlflow.register_model(model_uri, model_name()).version)
+        for k, v in (tags or {}).items():
+            c.set_model_version_tag(model_name(), version, k, str(v))
     if alias:
-        c.set_registered_model_alias(model_name(), alias, mv.version)
-    return str(mv.version)
+        c.set_registered_model_alias(model_name(), alias, version)
+    return version
+
+
+def _version_of_run(train_run_id: str) -> str | None:
+    try:
+        found = client().search_model_versions(f"name='{model_name()}' and run_id='{train_run_id}'")
+    except Exception:
+        return None
+    return str(min(int(m.version) for m in found)) if found else None
 
 
 def alias_version(alias: str) -> str | None:
@@ -205,6 +217,11 @@ def gate(dataset: str, margin: float = 0.0, metric: str = "map", rerank: bool = 
     if not challenger:
         raise IlrError("no model has the alias 'challenger'; register one first")
     champion = alias_version("champion")
+    if challenger == champion:  # a re-run registered the same model again: nothing to decide
+        client().delete_registered_model_alias(model_name(), "challenger")
+        reason = f"challenger v{challenger} is the champion already"
+        log_fn(f"gate: {reason}")
+        return GateDecision(False, challenger, champion, float("nan"), float("nan"), margin, reason, "")
     ref = dataset_dir(dataset)[0]
     # a model's score on one dataset version under one evaluation setting is computed once, then reused
     setting = hashlib.sha1(json.dumps([metric, rerank, asdict(ecfg) if ecfg is not None else None],

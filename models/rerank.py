@@ -14,7 +14,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from models.config import RerankConfig
+from models.config import RerankConfig, rerank_config
 
 _METHODS = {"magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
 
@@ -118,7 +118,7 @@ def _ransac(q_kp: np.ndarray, c_kp: np.ndarray, m: np.ndarray, cfg: RerankConfig
 
 class Reranker:
     def __init__(self, cfg: RerankConfig | None = None):
-        self.cfg = cfg or RerankConfig()
+        self.cfg = cfg or rerank_config()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.workers))
 
     def inliers(self, q_kp, q_desc, candidates: Sequence[tuple]) -> np.ndarray:

@@ -6,7 +6,7 @@ import os
 import subprocess
 from functools import lru_cache
 
-from data.config import ilr_home
+from data.config import default_tracking_uri, ilr_home
 
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -15,12 +15,8 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _default_uri() -> str:
-    return f"sqlite:///{ilr_home() / 'mlflow.db'}"
-
-
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def setup(experiment: str) -> str:
@@ -34,7 +30,7 @@ def setup(experiment: str) -> str:
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         # with our embedded SQLite store, artifacts live under $ILR_HOME too (a server decides for itself)
-        local = uri == _default_uri()
+        local = uri == default_tracking_uri()
         exp_id = mlflow.create_experiment(
             experiment, artifact_location=(ilr_home() / "mlartifacts" / experiment).as_uri() if local else None)
     else:

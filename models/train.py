@@ -24,7 +24,7 @@ from data.config import NO_LABEL, ilr_home
 from data.errors import IlrError
 from data.versioning import Version, dataset_dir
 from models import registry, tracking
-from models.config import ModelConfig, TrainConfig, resolve_device
+from models.config import ModelConfig, TrainConfig, model_config, resolve_device, train_config
 from models.dataset import ImageSet
 from models.delg import DELG
 from models.metrics import average_precision
@@ -88,7 +88,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
     configuration and data. `report(metrics)` is called at each validation (Ray Tune)."""
     import mlflow
 
-    mcfg, tcfg = mcfg or ModelConfig(), tcfg or TrainConfig()
+    mcfg, tcfg = mcfg or model_config(), tcfg or train_config()
     version, folder = dataset_dir(dataset)
     df = manifest.read(folder)
     train_rows = df[(df["split"] == "train") & (df["label"] != NO_LABEL)].reset_index(drop=True)
@@ -104,7 +104,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
     device = resolve_device(tcfg.device)
     model = DELG(mcfg, num_classes=len(classes), class_counts=counts).to(device)
     model.train()
-    kw = dict(mean=mcfg.mean, std=mcfg.std, workers=tcfg.workers)
+    kw = dict(mean=model.cfg.mean, std=model.cfg.std, workers=tcfg.workers)
     train_set = ImageSet(folder, train_rows, y_train, tcfg.image_size, train=True,
                          crop_scale_min=tcfg.crop_scale_min, color_jitter=tcfg.color_jitter, **kw)
     val_set = ImageSet(folder, val_rows, val_rows["label"].map(index).to_numpy(), tcfg.image_size, False, **kw) \

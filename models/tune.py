@@ -11,55 +11,30 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from data.config import from_params, ilr_home
+from data.config import apply_worker_env, ilr_home, pin_workspace, worker_env
 from data.versioning import dataset_dir
 from models import registry, tracking
-from models.config import ModelConfig, TrainConfig, model_config, train_config
+from models.config import ModelConfig, TrainConfig, TuneConfig, model_config, train_config, tune_config
 
 MODEL_KEYS = ("arcface_margin", "arcface_scale", "dim", "gem_p", "attention_loss_weight",
               "reconstruction_loss_weight")
 TRAIN_KEYS = ("lr", "image_size")
 
 
-@dataclass
-class TuneConfig:
-    trials: int = 4
-    steps: int = 0                           # per trial; 0 = train.steps
-    val_every: int = 0                       # 0 = train.val_every
-    cpus_per_trial: float = 0.5
-    gpus_per_trial: float = 0.0              # > 0 only takes effect where the cluster has GPUs
-    max_concurrent: int = 0                  # 0 = as many as the resources allow
-    grace_period: int = 1                    # ASHA: validations before a trial can be stopped
-    reduction_factor: int = 2
-    seed: int = 0
-    space: dict = field(default_factory=lambda: {
-        "lr": ["loguniform", 0.003, 0.05],
-        "arcface_margin": ["uniform", 0.05, 0.3],
-        "arcface_scale": ["choice", [0.0, 16.0, 32.0]],
-        "dim": ["choice", [256, 512]],
-        "image_size": ["choice", [160, 224]],
-        "gem_p": ["uniform", 2.0, 4.0],
-        "attention_loss_weight": ["uniform", 0.5, 2.0],
-        "reconstruction_loss_weight": ["choice", [1.0, 10.0]],
-    })
-
-
 def ensure_ray(dashboard: bool = False) -> None:
     """Join RAY_ADDRESS when set (a real cluster), else start a local Ray on this machine's cores."""
     import ray
 
+    pin_workspace()  # resolved here, in the driver: workers get these values, never their own cwd's
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
                  include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
-
-
-def tune_config(**kw) -> TuneConfig:
-    return from_params(TuneConfig, "tune", **kw)
 
 
 def _space(spec: dict):
@@ -70,8 +45,16 @@ def _space(spec: dict):
     return {k: kinds[v[0]](*v[1:]) for k, v in spec.items()}
 
 
-def _trainable(config: dict) -> None:
-    """One trial: train with the sampled values, reporting every validation with a checkpoint."""
+def _trial_root(key: str) -> Path:
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "ilr-trials" / key
+
+
+def _trainable(config: dict, base: dict) -> None:
+    """One trial: train with the sampled values, reporting every validation with a checkpoint. `base` (the
+    fixed settings and the driver's workspace) travels beside the search space, not in it, so that a
+    restored search never sees a changed parameter space."""
     import tempfile
 
     import torch
@@ -79,15 +62,14 @@ def _trainable(config: dict) -> None:
 
     from models.train import train
 
-    base = config["_base"]
-    os.environ.update(base["env"])  # the driver's stores, even when Ray was started for another search
+    apply_worker_env(base["env"])  # the driver's workspace: a trial runs in its own working directory
     mcfg = replace(ModelConfig(**base["model"]), **{k: config[k] for k in MODEL_KEYS if k in config})
     tcfg = replace(TrainConfig(**base["train"]), **{k: config[k] for k in TRAIN_KEYS if k in config})
     gpus = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0))
     tcfg = replace(tcfg, device="cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, int(base["cpus_per_trial"])))
     trial_id = tune.get_context().get_trial_id()
-    ckpt_dir = Path(tempfile.gettempdir()) / "ilr-trials" / base["key"] / trial_id
+    ckpt_dir = _trial_root(base["key"]) / trial_id
     restored = tune.get_checkpoint()
     if restored is not None:  # resuming an interrupted search: start from the trial's last checkpoint
         with restored.as_directory() as d:
@@ -103,6 +85,28 @@ def _trainable(config: dict) -> None:
     res = train(base["dataset"], mcfg, tcfg, checkpoint_dir=ckpt_dir, report=report, log_fn=lambda *_: None,
                 parent_run_id=base["parent_run_id"], run_name=f"trial {trial_id}")
     tune.report({**res.metrics, "step": res.steps, "model_uri": res.model_uri, "run_id": res.run_id})
+
+
+def _restore(path: str, trainable, log_fn: Callable[[str], None]):
+    """The interrupted or finished search at `path`, resumed; None when there is none or it cannot be
+    resumed (written by another version of ilr or Ray, damaged): that one is moved aside, the caller starts
+    a fresh search, and one line says so. Never a reason for a run to fail."""
+    from ray import tune
+
+    if not Path(path).exists():
+        return None
+    try:
+        if tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            log_fn(f"resuming the search from {path}")
+            return tuner
+        why = "it holds no experiment state"
+    except Exception as e:  # incompatible state: Ray refuses to restore it
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    stale = f"{path}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, stale)
+    log_fn(f"cannot resume the search in {path} ({why}); starting a fresh one (old state kept in {stale})")
+    return None
 
 
 @dataclass
@@ -135,36 +139,34 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
     name = f"tune-{version.name}-{version.version}-{key}"
     storage = ilr_home() / "ray_results"
     exp_id = tracking.setup(tcfg.experiment)  # created once here: trials only look it up
-    os.environ["ILR_HOME"] = str(ilr_home())
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray()
     gpus = cfg.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    state_file = storage / name / "ilr_parent_run.txt"
-    parent_run_id = state_file.read_text().strip() if resume and state_file.exists() else None
+    state_file = storage / f"{name}.parent_run"  # beside the experiment: survives a fresh start of it
+    if not resume:  # --fresh: forget the old search, its trials' checkpoints and its parent run
+        shutil.rmtree(storage / name, ignore_errors=True)
+        shutil.rmtree(_trial_root(key), ignore_errors=True)
+        state_file.unlink(missing_ok=True)
+    parent_run_id = state_file.read_text().strip() if state_file.exists() else None
     with mlflow.start_run(run_id=parent_run_id, experiment_id=None if parent_run_id else exp_id,
                           run_name=None if parent_run_id else f"tune {ref}") as parent:
         parent_run_id = parent.info.run_id
-        (storage / name).mkdir(parents=True, exist_ok=True)
+        storage.mkdir(parents=True, exist_ok=True)
         state_file.write_text(parent_run_id)
         mlflow.set_tags({"ilr.kind": "tune", "dataset": version.name, "dataset.version": version.version,
                          "dataset.dvc_md5": version.dvc_md5, "git_sha": tracking.git_sha()})
         mlflow.log_params({"trials": cfg.trials, "steps": tcfg.steps, "cpus_per_trial": cfg.cpus_per_trial,
                            "gpus_per_trial": gpus})
         base = {"dataset": ref, "model": asdict(mcfg), "train": asdict(tcfg), "parent_run_id": parent_run_id,
-                "cpus_per_trial": cfg.cpus_per_trial, "key": key,
-                "env": {k: os.environ[k] for k in ("ILR_HOME", "ILR_REPO", "ILR_PARAMS", "MLFLOW_TRACKING_URI",
-                                                   "ILR_MODEL_NAME", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S")
-                        if k in os.environ}}
-        trainable = tune.with_resources(_trainable, {"cpu": cfg.cpus_per_trial, "gpu": gpus})
+                "cpus_per_trial": cfg.cpus_per_trial, "key": key, "env": worker_env()}
+        trainable = tune.with_resources(tune.with_parameters(_trainable, base=base),
+                                        {"cpu": cfg.cpus_per_trial, "gpu": gpus})
         path = str(storage / name)
         reports = max(1, tcfg.steps // tcfg.val_every) + 1  # validations + the final report
-        if resume and tune.Tuner.can_restore(path):
-            log_fn(f"resuming the search from {path}")
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space={**_space(cfg.space), "_base": base})
-        else:
+        tuner = _restore(path, trainable, log_fn) if resume else None
+        if tuner is None:
             tuner = tune.Tuner(
-                trainable, param_space={**_space(cfg.space), "_base": base},
+                trainable, param_space=_space(cfg.space),
                 tune_config=tune.TuneConfig(
                     metric="val_map", mode="max", num_samples=cfg.trials,
                     scheduler=ASHAScheduler(max_t=reports, grace_period=cfg.grace_period,

@@ -5,13 +5,13 @@ the model and index live now, the service's request counters and the retrain tri
 own Ray Serve application beside the retrieval graph (same HTTP port); `render()` also works without Serve.
 """
 import html
-import os
 import time
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from ray import serve
 
+from data.config import apply_worker_env
 from monitoring.store import MonitorStore
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -157,7 +157,7 @@ api = FastAPI(title="ilr dashboard")
 @serve.ingress(api)
 class Dashboard:
     def __init__(self, env: dict, service_url: str):
-        os.environ.update({k: v for k, v in env.items() if v is not None})
+        apply_worker_env(env)
         self.url = service_url
 
     @api.get("/", response_class=HTMLResponse)

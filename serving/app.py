@@ -24,28 +24,15 @@ import numpy as np
 from fastapi import Request
 from ray import serve
 
-from data.config import ilr_home
+from data.config import apply_worker_env, worker_env
 from data.errors import IlrError
 from serving.config import ServeConfig, api_token, serve_config
 
-ENV_KEYS = ("ILR_HOME", "ILR_PARAMS", "ILR_REPO", "MLFLOW_TRACKING_URI", "MILVUS_URI", "ILR_API_TOKEN")
-
-
-def _apply_env(env: dict) -> None:
-    os.environ.update({k: v for k, v in env.items() if v is not None})
-
-
 def current_env() -> dict:
+    """The driver's workspace for the replicas (data.config.WORKSPACE_ENV), with the Milvus URI resolved."""
     from serving.index import milvus_uri
 
-    env = {k: os.environ.get(k) for k in ENV_KEYS}
-    env["ILR_HOME"] = str(ilr_home())
-    env["MILVUS_URI"] = milvus_uri()
-    if not env.get("MLFLOW_TRACKING_URI"):
-        from models.tracking import tracking_uri
-
-        env["MLFLOW_TRACKING_URI"] = tracking_uri()
-    return env
+    return worker_env(MILVUS_URI=milvus_uri())
 
 
 class ApiError(Exception):
@@ -60,7 +47,7 @@ class ExtractorWorker:
     """Holds the models of the live index (and, during a swap, the next one) and extracts in micro-batches."""
 
     def __init__(self, env: dict, cfg: ServeConfig):
-        _apply_env(env)
+        apply_worker_env(env)
         import dataclasses
 
         import torch
@@ -124,7 +111,7 @@ class SearcherWorker:
     """Owns the Milvus client: live-alias lookups, global top-K, and index writes (add / delete)."""
 
     def __init__(self, env: dict, cfg: ServeConfig):
-        _apply_env(env)
+        apply_worker_env(env)
         from serving.index import index_config, milvus_client
 
         self.cfg, self.icfg = cfg, index_config()
@@ -192,7 +179,7 @@ class RerankerWorker:
     RANSAC, on CPU."""
 
     def __init__(self, env: dict, cfg: ServeConfig):
-        _apply_env(env)
+        apply_worker_env(env)
         from models.config import rerank_config
         from models.rerank import Reranker
 
@@ -376,7 +363,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
     @serve.ingress(api)
     class Ingress:
         def __init__(self, extractor, searcher, reranker, env: dict, cfg: ServeConfig):
-            _apply_env(env)
+            apply_worker_env(env)
             self.extractor, self.searcher, self.reranker, self.cfg = extractor, searcher, reranker, cfg
             self.token = api_token()
             self.registry, self.m = _metrics()
@@ -385,6 +372,9 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             self.lock = asyncio.Lock()
             self.recent: collections.deque = collections.deque(maxlen=cfg.recent_embeddings)
             self.started = time.time()
+            from models.config import rerank_config
+
+            self.candidates = rerank_config().top_k  # the same top-K that evaluation and the gate re-rank
 
         async def _live(self) -> dict:
             if time.monotonic() - self.checked > self.cfg.poll_s:
@@ -408,7 +398,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             await self.extractor.load.remote(state["model"])
             probe = np.random.default_rng(0).integers(0, 255, (320, 320, 3), dtype=np.uint8)
             q = await self.extractor.extract.remote((state["model"], probe))
-            hits = await self.searcher.search.remote(state["collection"], q["global"], self.cfg.candidates)
+            hits = await self.searcher.search.remote(state["collection"], q["global"], self.candidates)
             await self.reranker.rerank.remote(state["collection"], q, hits)
 
         def _auth(self, request: Request) -> None:
@@ -442,7 +432,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             self.recent.append(np.array(q["global"], dtype=np.float32, copy=True))
             t = time.perf_counter()
             hits = await self.searcher.search.remote(state["collection"], q["global"],
-                                                     max(top_k, self.cfg.candidates) if rerank else top_k)
+                                                     max(top_k, self.candidates) if rerank else top_k)
             timings["search_ms"] = (time.perf_counter() - t) * 1000
             if rerank and hits:
                 t = time.perf_counter()

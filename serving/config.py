@@ -17,8 +17,6 @@ class ServeConfig:
     min_side_px: int = 32               # smaller images get 422
     max_top_k: int = 100
     default_top_k: int = 10
-    candidates: int = 50                # global top-K handed to the re-ranker (DELG: 100; on 2 CPU cores 50
-                                        # halves re-ranking time, same mAP on the embedded data: BENCHMARKS.md)
     no_match_threshold: float = 0.3     # recognition score min(70, inliers)/70 + 0.25 cos below this -> no match
     batch_size: int = 8                 # extractor micro-batch on GPU
     cpu_extractions: int = 2            # on CPU: extractions at once, one thread each (BENCHMARKS.md)
@@ -29,6 +27,24 @@ class ServeConfig:
     extractor_gpus: float = 0.0         # > 0 on clusters with GPUs
     recent_embeddings: int = 1000       # query descriptors kept for drift monitoring
     app_name: str = "ilr"
+
+
+@dataclass
+class IndexConfig:
+    index_type: str = "HNSW"
+    hnsw_m: int = 16
+    ef_construction: int = 200
+    ef_search: int = 128
+    alias: str = "ilr_live"
+    min_recall: float = 0.95          # ANN recall@k against exact search needed to move the alias
+    recall_k: int = 100
+    recall_queries: int = 200
+    chunk: int = 64                   # images extracted and inserted per step
+    engine: str = "auto"              # ray | local | auto (Ray Data on a Ray cluster or with GPUs: choose_engine)
+
+
+def index_config(**kw) -> IndexConfig:
+    return from_params(IndexConfig, "index", **kw)
 
 
 def serve_config(**kw) -> ServeConfig:

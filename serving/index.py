@@ -28,28 +28,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data import manifest
-from data.config import from_params, ilr_home
+from data.config import apply_worker_env, ilr_home, worker_env
 from data.errors import IlrError
 from data.versioning import dataset_dir
 from models.extract import Extractor, Features, pack_local, unpack_local
+from serving.config import IndexConfig, index_config
 
 
-@dataclass
-class IndexConfig:
-    index_type: str = "HNSW"
-    hnsw_m: int = 16
-    ef_construction: int = 200
-    ef_search: int = 128
-    alias: str = "ilr_live"
-    min_recall: float = 0.95          # ANN recall@k against exact search needed to move the alias
-    recall_k: int = 100
-    recall_queries: int = 200
-    chunk: int = 64                   # images extracted and inserted per step
-    engine: str = "auto"              # ray | local | auto (Ray Data on a Ray cluster or with GPUs: choose_engine)
-
-
-def index_config(**kw) -> IndexConfig:
-    return from_params(IndexConfig, "index", **kw)
 
 
 def milvus_uri() -> str:
@@ -374,10 +359,12 @@ def live(alias: str | None = None, client=None) -> dict | None:
 class _RayExtract:
     """Ray Data map_batches worker: one model per actor; returns packed features (uint16 / int8)."""
 
-    def __init__(self, model_dir: str, ecfg, root: str):
+    def __init__(self, model_dir: str, ecfg, root: str, env: dict):
         import torch
 
         from models import artifacts
+
+        apply_worker_env(env)
 
         model = artifacts.load(Path(model_dir))
         if not torch.cuda.is_available() and not ecfg.cpu_threads:
@@ -429,7 +416,7 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
 
     artifacts.save(model, model_dir)  # actors load it from disk (a shared path on a cluster: ILR_HOME)
     ds = ds.map_batches(_RayExtract, fn_constructor_kwargs={"model_dir": str(model_dir), "ecfg": ecfg,
-                                                            "root": str(folder)},
+                                                            "root": str(folder), "env": worker_env()},
                         batch_size=chunk, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if gpus else 0, num_cpus=0.5 if not gpus else 1)
     for batch in ds.iter_batches(batch_size=chunk, batch_format="pandas", prefetch_batches=1):

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from data.config import ilr_home
+from data.config import ilr_home, worker_env
 from data.errors import IlrError
 from serving import milvus_server
 from serving.config import ServeConfig, serve_config
@@ -112,7 +112,7 @@ def spawn(args: list[str], cfg: ServeConfig, timeout_s: float = 300.0) -> str:
     log = open(ilr_home() / "logs" / "serve.log", "ab")
     proc = subprocess.Popen([str(exe) if exe.exists() else "ilr", "serve", *args], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "ILR_HOME": str(ilr_home())})
+                            env={**os.environ, **worker_env()})
     url = url_of(cfg)
     wait_healthy(url, timeout_s, proc)
     return url

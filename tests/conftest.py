@@ -38,6 +38,20 @@ def git(repo: Path, *args: str) -> str:
                           capture_output=True, text=True).stdout
 
 
+@pytest.fixture(autouse=True)
+def _workspace_env_restored():
+    """The CLI pins the workspace into os.environ (data.config.pin_workspace): undo it after every test."""
+    from data.config import WORKSPACE_ENV
+
+    before = {k: os.environ.get(k) for k in WORKSPACE_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """An empty git repository as ILR_REPO and a fresh ILR_HOME; yields the repo path."""

@@ -1,0 +1,165 @@
+"""The settings kernel: one typed loader for every params.yaml section, the workspace resolved once in the
+driver and handed to workers, and the bugs found on the way (each of these failed before)."""
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from data.config import WORKSPACE_ENV, apply_worker_env, ilr_home, params_path, repo_root, worker_env
+from data.errors import IlrError
+from flows.cli import app
+from tests.conftest import make_image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _params(tmp_path, monkeypatch, **sections) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    monkeypatch.setenv("ILR_PARAMS", str(path))
+    return path
+
+
+def test_every_section_of_the_shipped_params_is_typed(monkeypatch):
+    from flows.config import check_params, sections
+
+    monkeypatch.setenv("ILR_PARAMS", str(ROOT / "params.yaml"))
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(doc) <= set(sections())
+    check_params()  # every key of every section is known to its dataclass
+
+
+def test_unknown_key_or_section_is_refused_with_its_name(tmp_path, monkeypatch):
+    from flows.config import check_params
+
+    # `serve.candidates` was merged into `rerank.top_k`: a stale key must not be silently ignored
+    _params(tmp_path, monkeypatch, serve={"candidates": 50})
+    with pytest.raises(IlrError, match=r"candidates.*'serve'"):
+        check_params()
+    out = CliRunner().invoke(app, ["stop", "--keep-milvus"])
+    assert out.exit_code == 2 and "candidates" in out.output and "rerank" not in out.output.split("known")[0]
+    _params(tmp_path, monkeypatch, rernak={"top_k": 5})
+    with pytest.raises(IlrError, match="rernak"):
+        check_params()
+
+
+def test_one_rerank_depth_for_evaluation_gate_and_service(tmp_path, monkeypatch):
+    from models.rerank import Reranker
+    from serving.config import ServeConfig
+
+    _params(tmp_path, monkeypatch, rerank={"top_k": 7})
+    assert Reranker().cfg.top_k == 7  # before: RerankConfig() defaults, whatever params.yaml said
+    assert not hasattr(ServeConfig(), "candidates")
+
+
+def test_typed_sections_replace_raw_dicts(tmp_path, monkeypatch):
+    from flows.config import demo_config, pipeline_config
+    from models.config import gate_config
+
+    _params(tmp_path, monkeypatch, gate={"margin": 0.02}, demo={"size": "tiny", "trials": 3},
+            pipeline={"dataset": "my-photos"})
+    assert gate_config().margin == 0.02 and gate_config(margin=0.1).margin == 0.1
+    d = demo_config(steps=4)
+    assert (d.size, d.trials, d.steps, d.seed) == ("tiny", 3, 4, 0)
+    assert pipeline_config().dataset == "my-photos"
+
+
+def test_workspace_is_resolved_once_and_absolute(tmp_path, monkeypatch):
+    """A worker runs in a folder of its own (Ray Tune: the trial's working dir): it must get the driver's
+    absolute repo, home, params file and stores, and never resolve them from its own cwd."""
+    from tests.conftest import git
+
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    for key in WORKSPACE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("ILR_HOME", "rel-home")  # relative: resolved against the driver's cwd
+    env = worker_env()
+    assert env["ILR_REPO"] == str(repo.resolve()) and env["ILR_HOME"] == str((repo / "rel-home").resolve())
+    assert env["ILR_PARAMS"] == str(repo.resolve() / "params.yaml")
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{repo.resolve() / 'rel-home' / 'mlflow.db'}"
+    assert env["ILR_MODEL_NAME"] == "ilr-delg"
+    assert all(Path(env[k]).is_absolute() for k in ("ILR_REPO", "ILR_HOME", "ILR_PARAMS"))
+
+    elsewhere = tmp_path / "trial-working-dir"  # not a git repository
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for key in WORKSPACE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    apply_worker_env(env)
+    assert repo_root() == repo.resolve() and ilr_home() == (repo / "rel-home").resolve()
+    assert params_path() == repo.resolve() / "params.yaml"
+    assert worker_env(MILVUS_URI="http://127.0.0.1:1")["MILVUS_URI"] == "http://127.0.0.1:1"
+
+
+def test_serving_and_tune_hand_workers_the_same_list():
+    import inspect
+
+    from models import tune
+    from serving import app as sapp
+    from serving import index as sindex
+
+    # one mechanism: every worker entry point applies worker_env() from the driver; no hand-kept key lists
+    assert not hasattr(sapp, "ENV_KEYS")
+    assert "worker_env()" in inspect.getsource(tune.tune_delg)
+    assert "apply_worker_env" in inspect.getsource(tune._trainable)
+    assert "apply_worker_env" in inspect.getsource(sindex._RayExtract)
+    assert "ILR_MODEL_NAME" in WORKSPACE_ENV and "MILVUS_URI" in WORKSPACE_ENV
+
+
+def test_normalisation_comes_from_the_backbone():
+    from models.config import ModelConfig
+    from models.delg import DELG
+    from models.extract import Extractor
+
+    lite = DELG(ModelConfig(), load_pretrained=False)
+    assert lite.cfg.mean == (0.5, 0.5, 0.5) and lite.cfg.std == (0.5, 0.5, 0.5)
+    resnet = DELG(ModelConfig(backbone="resnet18", pretrained=False), load_pretrained=False)
+    assert resnet.cfg.mean == pytest.approx((0.485, 0.456, 0.406)) and resnet.cfg.std == pytest.approx((0.229, 0.224, 0.225))
+    assert Extractor(resnet.eval()).mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    # an explicit value (a saved model's config) wins
+    assert DELG(ModelConfig(mean=(0.1, 0.2, 0.3), std=(1, 1, 1)), load_pretrained=False).cfg.mean == (0.1, 0.2, 0.3)
+
+
+def test_off_the_shelf_model_follows_params_backbone(tmp_path, monkeypatch):
+    from models import registry
+
+    _params(tmp_path, monkeypatch, model={"backbone": "tf_efficientnet_lite2"})
+    model, ref = registry.resolve("off-the-shelf")
+    assert ref == "off-the-shelf" and model.cfg.backbone == "tf_efficientnet_lite2"
+    assert model.global_descriptor(model.features(__import__("torch").zeros(1, 3, 64, 64))[1]).shape[1] == 352
+
+
+def test_resume_gives_way_to_a_fresh_search_when_state_is_unusable(tmp_path):
+    from models.tune import _restore
+
+    path = tmp_path / "tune-x"
+    path.mkdir()
+    (path / "junk.txt").write_text("not a Ray Tune experiment")
+    said = []
+    assert _restore(str(path), trainable=None, log_fn=said.append) is None
+    assert not path.exists() and len(said) == 1 and "starting a fresh one" in said[0]
+    assert _restore(str(tmp_path / "missing"), trainable=None, log_fn=said.append) is None and len(said) == 1
+
+
+@pytest.mark.integration
+def test_store_dir_from_params_is_where_datasets_are_found(workspace, tmp_path, monkeypatch):
+    from data import manifest
+    from data.versioning import dataset_dir
+
+    _params(tmp_path, monkeypatch, data={"store_dir": "elsewhere/store"})
+    src = tmp_path / "photos"
+    for li, label in enumerate(("tower", "bridge")):
+        for k in range(3):
+            make_image(src / label / f"{k}.jpg", 10 * li + k)
+    out = CliRunner().invoke(app, ["data", "ingest", str(src), "--format", "folder", "--name", "photos"])
+    assert out.exit_code == 0, out.output
+    assert (workspace / "elsewhere" / "store" / "photos.dvc").exists()
+    version, folder = dataset_dir("photos")  # before: looked in data/store (DataConfig() defaults)
+    assert version.ref == "photos@v1" and folder == workspace / "elsewhere" / "store" / "photos"
+    assert len(manifest.read(folder)) == 6
+    assert os.environ["ILR_REPO"] == str(workspace)
