@@ -42,12 +42,27 @@ def _data_cfg(**overrides) -> DataConfig:
     return data_config(**overrides)
 
 
+_interrupted = False
+
+
+def _on_interrupt(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 @app.callback()
 def _workspace() -> None:
     """Resolve the workspace once, here in the driver (absolute repo, home, params file, stores): every
     worker and background process this command starts gets these values. A bad params file stops here."""
+    import signal
+    import threading
+
     from flows.config import check_params
 
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)  # Ctrl-C: see main()
     try:
         pin_workspace()
         check_params()
@@ -459,9 +474,25 @@ def monitor_cmd(url: str = typer.Option(None, help="service URL (default $ILR_UR
                   f"drift MMD^2 {s['drift']['mmd']:.4f}; quality drop: {s['quality_drop']} {s['reason']}")
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
+def main() -> None:
+    """The console entry. After Ctrl-C, exit at once (130): Ctrl-C also stops the temporary Prefect server
+    and the local Ray that this process started, and waiting at exit for their clients to drain would hang.
+    Everything the command finished is kept (tune checkpoints, versions, index rows): run it again to go on."""
+    try:
+        app()
+    finally:
+        if _interrupted:
+            err.print("interrupted: nothing finished is lost; run the same command again to go on from there")
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+if __name__ == "__main__":
+    main()

@@ -77,11 +77,17 @@ class RerankConfig:
                                               # time for the same mAP on the embedded data: BENCHMARKS.md)
     match: str = "mutual"                     # mutual nearest neighbours, and within max_distance
     max_distance: float = 0.9                 # descriptor L2 distance bound (DELG: 0.9-1.0)
+    ratio: float = 0.9                        # Lowe's ratio test on top of mutual NN (1.0 = off): drops
+                                              # ambiguous matches on repeated textures (BENCHMARKS.md)
     ransac: str = "magsac"                    # magsac | ransac (OpenCV), affine model
     ransac_threshold_px: float = 20.0         # at images whose longest side is threshold_reference_px
     threshold_reference_px: int = 384         # larger images get a proportionally larger threshold
     ransac_iters: int = 1000
     min_inliers: int = 4
+    score: str = "fused"                      # fused: cos + inlier_weight * min(inliers, inlier_cap) / inlier_cap;
+                                              # inliers_first: DELG's order by (inliers, cos)
+    inlier_weight: float = 0.5                # geometric evidence vs global similarity in the fused score
+    inlier_cap: int = 70                      # inliers beyond this add nothing (DELG's recognition cap)
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 2))
 
 

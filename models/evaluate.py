@@ -64,8 +64,8 @@ def rank(q_global: np.ndarray, db_global: np.ndarray, exclude_self: np.ndarray |
 
 def rerank_orders(orders: np.ndarray, sims: np.ndarray, q_local, db_local, reranker: Reranker,
                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Re-order each query's top-K by (inliers, global score); returns (orders, inliers of the new top-K,
-    recognition scores of the new top-K)."""
+    """Re-order each query's top-K with the re-ranker's score; returns (orders, inliers of the new top-K,
+    DELG recognition scores of the new top-K)."""
     k = min(reranker.cfg.top_k, orders.shape[1])
     new, inl_out, score_out = orders.copy(), np.zeros((len(orders), k), np.int64), np.zeros((len(orders), k))
     for qi in range(len(orders)):
@@ -74,7 +74,7 @@ def rerank_orders(orders: np.ndarray, sims: np.ndarray, q_local, db_local, reran
         r = reranker.rerank(q_local[qi][0], q_local[qi][1], [db_local[j] for j in top], sims[qi, top])
         new[qi, :len(top)] = top[r.order]
         inl_out[qi, :len(top)] = r.inliers[r.order]
-        score_out[qi, :len(top)] = r.scores[r.order]
+        score_out[qi, :len(top)] = r.recognition[r.order]
         progress and progress(qi + 1)
     return new, inl_out, score_out
 

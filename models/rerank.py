@@ -2,8 +2,13 @@
 
 Putative matches are mutual nearest neighbours within `max_distance` (vectorised: one matrix product per
 chunk of candidates). RANSAC is OpenCV's (USAC MAGSAC++ by default, or classic RANSAC) with an affine model,
-run for the candidates in parallel threads (OpenCV releases the GIL). The top-K global results are
-re-ordered by (inliers, global score), as in DELG; recognition scores are min(70, inliers)/70 + 0.25 cos.
+run for the candidates in parallel threads (OpenCV releases the GIL).
+
+The top-K global results are re-ordered by a fused score, cos + w * min(inliers, cap) / cap (w = 0.5,
+cap = 70 by default), so that geometric evidence adds to the global similarity instead of overriding
+it: DELG's order by (inliers, cos) lets a textured negative with a few dozen spurious inliers jump over
+a true match seen from far apart, and lowered mAP on real photos (BENCHMARKS.md). `rerank.score:
+inliers_first` restores DELG's order. Recognition confidences stay DELG's min(70, inliers)/70 + 0.25 cos.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ _METHODS = {"magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
 class Reranked:
     order: np.ndarray        # candidate indices, new order (best first)
     inliers: np.ndarray      # [K] inliers per candidate (input order)
-    scores: np.ndarray       # [K] recognition score per candidate (input order)
+    scores: np.ndarray       # [K] ranking score per candidate (input order): what `order` sorts by
+    recognition: np.ndarray  # [K] DELG recognition score per candidate (input order)
 
 
 def mutual_matches(q: np.ndarray, d: np.ndarray, max_distance: float) -> np.ndarray:
@@ -44,7 +50,7 @@ def mutual_matches(q: np.ndarray, d: np.ndarray, max_distance: float) -> np.ndar
 def verify(q_kp: np.ndarray, q_desc: np.ndarray, c_kp: np.ndarray, c_desc: np.ndarray,
            cfg: RerankConfig) -> int:
     """Number of RANSAC inliers of an affine model between two images' local features."""
-    return _ransac(q_kp, c_kp, mutual_matches(q_desc, c_desc, cfg.max_distance), cfg)
+    return _ransac(q_kp, c_kp, mutual_matches_many(q_desc, [c_desc], cfg.max_distance, ratio=cfg.ratio)[0], cfg)
 
 
 def recognition_score(inliers: np.ndarray, cosine: np.ndarray) -> np.ndarray:
@@ -52,16 +58,33 @@ def recognition_score(inliers: np.ndarray, cosine: np.ndarray) -> np.ndarray:
     return np.minimum(70, inliers) / 70.0 + 0.25 * cosine
 
 
+def fused_score(inliers: np.ndarray, cosine: np.ndarray, weight: float = 0.5, cap: int = 70) -> np.ndarray:
+    """Global similarity plus bounded geometric evidence: cos + weight * min(inliers, cap) / cap."""
+    return np.asarray(cosine, np.float64) + weight * np.minimum(cap, inliers) / float(cap)
+
+
+def ranking_score(inliers: np.ndarray, cosine: np.ndarray, cfg: RerankConfig) -> np.ndarray:
+    """What re-ranking sorts by (ties keep the global order). inliers_first: DELG's (inliers, cos) order,
+    as a score that sorts the same way."""
+    if cfg.score == "fused":
+        return fused_score(inliers, cosine, cfg.inlier_weight, cfg.inlier_cap)
+    if cfg.score == "inliers_first":
+        return np.asarray(inliers, np.float64) + np.clip(cosine, -1, 1) * 0.25  # cos in [-1, 1]: never flips inliers
+    raise ValueError(f"unknown rerank.score {cfg.score!r}: fused | inliers_first")
+
+
 def mutual_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray], max_distance: float,
-                        max_elements: int = 1 << 24) -> list[np.ndarray]:
+                        max_elements: int = 1 << 24, ratio: float = 1.0) -> list[np.ndarray]:
     """mutual_matches() of one query against many candidates: one matrix product per chunk of candidates.
 
     q: [N x d]; candidates[c]: [M_c x d], unit float vectors or int8 as stored (pack_local: renormalised
     here, as unpack_local would) -> list of [P_c x 2] index pairs (query, candidate), by query index.
     The similarity block of a chunk is [N x C*M] (at most `max_elements` floats); a pair (i, j) is mutual when
     j is i's best in its candidate and nothing in the query is closer to j (the column maximum), the first
-    such i on ties, as an argmax would pick. NumPy's BLAS and reductions: on AMD CPUs they are about twice as
-    fast as torch's MKL path for these shapes."""
+    such i on ties, as an argmax would pick. ratio < 1 adds Lowe's test within each candidate: the best
+    match must be closer than `ratio` times the second best (an ambiguous match on a repeated texture is
+    dropped). NumPy's BLAS and reductions: on AMD CPUs they are about twice as fast as torch's MKL path
+    for these shapes."""
     empty = np.zeros((0, 2), np.int64)
     if len(q) == 0:
         return [empty for _ in candidates]
@@ -88,6 +111,9 @@ def mutual_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray], max_dis
         best = np.take_along_axis(sim, cols, axis=1)       # [N x G]
         col_max = sim.max(axis=0)                          # [G*M] best query similarity of each feature
         keep = (best >= min_sim) & (best >= col_max[cols])
+        if ratio < 1.0 and m >= 2:                         # distances from similarities of unit vectors
+            second = np.partition(sim.reshape(n, g, m), m - 2, axis=2)[:, :, m - 2]
+            keep &= np.sqrt(np.clip(2 - 2 * best, 0, None)) < ratio * np.sqrt(np.clip(2 - 2 * second, 0, None))
         for i in range(g):
             rows = np.flatnonzero(keep[:, i] & (nn12[:, i] < gsizes[i]))
             js = nn12[rows, i]
@@ -126,13 +152,18 @@ class Reranker:
         (width, height) of the original) — batched matching, then RANSAC for the candidates in parallel."""
         if len(candidates) == 0:
             return np.zeros(0, np.int64)
-        matches = mutual_matches_many(q_desc, [c[1] for c in candidates], self.cfg.max_distance)
+        matches = mutual_matches_many(q_desc, [c[1] for c in candidates], self.cfg.max_distance,
+                                      ratio=self.cfg.ratio)
         jobs = self._pool.map(lambda cm: _ransac(q_kp, cm[0][0], cm[1], self.cfg, cm[0][2] if len(cm[0]) > 2 else None),
                               zip(candidates, matches))
         return np.fromiter(jobs, dtype=np.int64, count=len(candidates))
 
     def rerank(self, q_kp, q_desc, candidates, global_scores: np.ndarray) -> Reranked:
-        """Re-order candidates (already the global top-K) by (inliers, global score)."""
+        """Re-order candidates (already the global top-K, best first) by ranking_score()."""
         inl = self.inliers(q_kp, q_desc, candidates)
-        order = np.lexsort((-np.asarray(global_scores), -inl))
-        return Reranked(order, inl, recognition_score(inl, np.asarray(global_scores)))
+        cos = np.asarray(global_scores, np.float64)
+        if self.cfg.score == "inliers_first":
+            order = np.lexsort((-cos, -inl))
+        else:
+            order = np.argsort(-ranking_score(inl, cos, self.cfg), kind="stable")
+        return Reranked(order, inl, ranking_score(inl, cos, self.cfg), recognition_score(inl, cos))

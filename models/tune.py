@@ -140,6 +140,10 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
     storage = ilr_home() / "ray_results"
     exp_id = tracking.setup(tcfg.experiment)  # created once here: trials only look it up
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ctrl-C stops the run (KeyboardInterrupt), as everywhere else: Ray's own handler would end the search
+    # quietly and let the caller carry on with a half-finished search. The experiment state and the
+    # trials' checkpoints written so far are what the next run resumes from.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     ensure_ray()
     gpus = cfg.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     state_file = storage / f"{name}.parent_run"  # beside the experiment: survives a fresh start of it

@@ -199,7 +199,8 @@ class RerankerWorker:
         cands = [c if c is not None else empty for c in store.get_many([h["image_id"] for h in hits])]
         r = self.reranker.rerank(q["keypoints"], q["descriptors"], cands,
                                  np.array([h["score"] for h in hits], np.float32))
-        return {"hits": [{**hits[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i])} for i in r.order],
+        return {"hits": [{**hits[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i]),
+                          "recognition": float(r.recognition[i])} for i in r.order],
                 "compute_ms": (time.perf_counter() - t) * 1000}
 
 
@@ -442,8 +443,8 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             else:
                 from models.rerank import recognition_score
 
-                hits = [{**h, "inliers": None, "final_score": float(recognition_score(np.zeros(1), np.array([h["score"]]))[0])}
-                        for h in hits]
+                hits = [{**h, "inliers": None, "final_score": h["score"],
+                         "recognition": float(recognition_score(np.zeros(1), np.array([h["score"]]))[0])} for h in hits]
             hits = hits[:top_k]
             timings["total_ms"] = (time.perf_counter() - t0) * 1000
             for k, v in timings.items():
@@ -457,7 +458,8 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
                     "rerank": rerank, "timings_ms": {k: round(v, 2) for k, v in timings.items()},
                     "results": [{"rank": i + 1, "image_id": h["image_id"], "label": h["label"],
                                  "domain": h["domain"], "global_score": round(h["score"], 5),
-                                 "inliers": h["inliers"], "score": round(h["final_score"], 5)}
+                                 "inliers": h["inliers"], "score": round(h["final_score"], 5),
+                                 "recognition_score": round(h["recognition"], 5)}
                                 for i, h in enumerate(hits)]}
 
         async def _measure(self, endpoint: str, coro):
@@ -485,11 +487,12 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
                 top = res["results"][0] if res["results"] else None
                 from data.config import NO_LABEL
 
-                matched = top is not None and top["score"] >= self.cfg.no_match_threshold and top["label"] != NO_LABEL
+                confidence = top["recognition_score"] if top else 0.0
+                matched = top is not None and confidence >= self.cfg.no_match_threshold and top["label"] != NO_LABEL
                 if not matched:
                     self.m["no_match"].inc()
                 return {"match": matched, "label": top["label"] if matched else None,
-                        "confidence": top["score"] if top else 0.0, "threshold": self.cfg.no_match_threshold,
+                        "confidence": confidence, "threshold": self.cfg.no_match_threshold,
                         "best": top, "model": res["model"], "index": res["index"], "timings_ms": res["timings_ms"]}
             return await self._measure("recognize", run())
 

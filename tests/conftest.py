@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -52,23 +53,73 @@ def _workspace_env_restored():
             os.environ[k] = v
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """An empty git repository as ILR_REPO and a fresh ILR_HOME; yields the repo path."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def _init_repo(repo: Path) -> Path:
+    repo.mkdir(parents=True, exist_ok=True)
     git(repo, "init", "-q")
     git(repo, "commit", "-q", "--allow-empty", "-m", "init")
-    monkeypatch.setenv("ILR_REPO", str(repo))
-    monkeypatch.setenv("ILR_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ILR_PARAMS", str(tmp_path / "no-params.yaml"))
+    return repo
+
+
+def workspace_env(root: Path) -> dict[str, str]:
+    """The test workspace under root: repo/ (git + DVC), home/ (ILR_HOME), and no params file."""
+    return {"ILR_REPO": str(root / "repo"), "ILR_HOME": str(root / "home"), "ILR_PARAMS": str(root / "no-params.yaml")}
+
+
+def copy_workspace(src: Path, dst: Path) -> None:
+    """A copy of a prepared workspace (repo + home); the DVC remote is re-pointed at the copy's home."""
+    shutil.copytree(src / "repo", dst / "repo", symlinks=True)
+    shutil.copytree(src / "home", dst / "home", symlinks=True)
+    local = dst / "repo" / ".dvc" / "config.local"
+    if local.exists():
+        local.write_text(local.read_text().replace(str(src / "home"), str(dst / "home")))
+
+
+def _enter(root: Path, monkeypatch) -> Path:
+    for key, value in workspace_env(root).items():
+        monkeypatch.setenv(key, value)
     # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: never let one test's store leak into the next
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield repo
+    return root / "repo"
+
+
+def _leave() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from serving import milvus_server
 
     milvus_server.stop()  # a Milvus Lite server a flow started for this workspace
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty git repository as ILR_REPO and a fresh ILR_HOME; yields the repo path."""
+    _init_repo(tmp_path / "repo")
+    yield _enter(tmp_path, monkeypatch)
+    _leave()
+
+
+@pytest.fixture(scope="session")
+def tiny_template(tmp_path_factory, tiny_synthetic) -> Path:
+    """A workspace with the embedded `tiny` dataset ingested (validated, versioned) once per session."""
+    from data.versioning import ingest
+
+    root = tmp_path_factory.mktemp("tiny-template")
+    _init_repo(root / "repo")
+    saved = {k: os.environ.get(k) for k in (*workspace_env(root), "MLFLOW_TRACKING_URI")}
+    os.environ.update(workspace_env(root))
+    try:
+        ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return root
+
+
+@pytest.fixture
+def tiny_workspace(tmp_path, monkeypatch, tiny_template):
+    """Like `workspace`, with `tiny@v1` already ingested (a copy of the session's template)."""
+    copy_workspace(tiny_template, tmp_path)
+    yield _enter(tmp_path, monkeypatch)
+    _leave()
 
 
 @pytest.fixture(scope="session")

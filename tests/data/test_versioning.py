@@ -82,11 +82,31 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def photos_template(tmp_path_factory):
+    """A workspace with a good folder of photos versioned as photos@v1 (made once, copied per case)."""
+    import os
+
+    from tests.conftest import _init_repo, workspace_env
+
+    root = tmp_path_factory.mktemp("photos-template")
+    _init_repo(root / "repo")
+    saved = {k: os.environ.get(k) for k in workspace_env(root)}
+    os.environ.update(workspace_env(root))
+    try:
+        ingest("folder", str(_photos(root / "good")), "photos", log=lambda *_: None)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return root
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_images_are_refused_and_nothing_is_written(workspace, tmp_path, case):
-    home = tmp_path / "home"
-    good = _photos(tmp_path / "good")
-    ingest("folder", str(good), "photos", log=lambda *_: None)
+def test_bad_images_are_refused_and_nothing_is_written(tmp_path, monkeypatch, photos_template, case):
+    from tests.conftest import _enter, copy_workspace
+
+    copy_workspace(photos_template, tmp_path)
+    workspace, home = _enter(tmp_path, monkeypatch), tmp_path / "home"
     before = _state(workspace, home)
     bad = _photos(tmp_path / "bad")
     BAD_INPUTS[case](bad)

@@ -161,7 +161,6 @@ def test_retrain_triggers_and_dashboard(clone):
     except AssertionError:
         raise AssertionError(_retrain_logs(home)) from None
     _wait_retrain_idle(home)
-    _run([ilr, "monitor", "--url", url, "--no-trigger"], d, env)
 
     shot = home / "dashboard.png"
     r = _chromium("--window-size=1300,1400", f"--screenshot={shot}", f"{url}/dashboard/")

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.versioning import ingest
 from models import registry
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_dvc_repro_train_registers_a_model(workspace, tiny_synthetic):
-    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+def test_dvc_repro_train_registers_a_model(tiny_workspace):
+    workspace = tiny_workspace
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     (workspace / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stages["train"]}}))
     (workspace / "params.yaml").write_text(yaml.safe_dump({

@@ -81,16 +81,34 @@ def test_verify_finds_affine_inliers():
     assert len(mutual_matches(desc, noisy, 0.9)) > 250
 
 
-def test_rerank_orders_by_inliers_then_global_score():
+def test_rerank_inliers_first_orders_by_inliers_then_global_score():
     kp, desc = _scene()
     true = (kp * 1.1 + 5, desc)
     junk1, junk2 = _scene(seed=3), _scene(seed=4)
-    r = Reranker(RerankConfig(workers=2)).rerank(kp, desc, [junk1, true, junk2], np.array([0.9, 0.5, 0.95]))
+    r = Reranker(RerankConfig(workers=2, score="inliers_first")).rerank(kp, desc, [junk1, true, junk2],
+                                                                        np.array([0.9, 0.5, 0.95]))
     assert r.order[0] == 1 and r.inliers[1] > 100 and max(r.inliers[0], r.inliers[2]) < 10
     expected = sorted(range(3), key=lambda i: (-r.inliers[i], -[0.9, 0.5, 0.95][i]))
     assert list(r.order) == expected
-    assert r.scores[1] == pytest.approx(recognition_score(np.array([r.inliers[1]]), np.array([0.5]))[0])
+    assert r.recognition[1] == pytest.approx(recognition_score(np.array([r.inliers[1]]), np.array([0.5]))[0])
     assert recognition_score(np.array([200]), np.array([1.0]))[0] == pytest.approx(1.25)
+
+
+def test_fused_score_weighs_geometry_against_global_similarity():
+    from models.rerank import fused_score, ranking_score
+
+    cfg = RerankConfig()
+    assert (cfg.score, cfg.inlier_weight, cfg.inlier_cap) == ("fused", 0.5, 70)
+    # a strong global match with moderate verification beats a weak global match with a few more inliers
+    cos, inl = np.array([0.80, 0.40]), np.array([30, 40])
+    assert np.argmax(ranking_score(inl, cos, cfg)) == 0
+    assert np.argmax(ranking_score(inl, cos, RerankConfig(score="inliers_first"))) == 1
+    assert fused_score(np.array([500]), np.array([0.2]))[0] == pytest.approx(0.7)  # capped at 70 inliers
+    # a clear geometric verification still lifts a true match over an unverified look-alike
+    kp, desc = _scene()
+    true = (kp * 1.1 + 5, desc)
+    r = Reranker(RerankConfig(workers=2)).rerank(kp, desc, [_scene(seed=3), true], np.array([0.9, 0.6]))
+    assert r.order[0] == 1 and r.scores[1] == pytest.approx(0.6 + 0.5 * min(70, r.inliers[1]) / 70)
 
 
 def test_batched_matching_equals_pairwise():
@@ -158,3 +176,21 @@ def test_onnx_backbone_equals_torch():
     for a, b in zip(onnx.extract(_images()), plain.extract(_images())):
         assert np.abs(a.global_desc - b.global_desc).max() < 1e-5
         assert a.keypoints.shape == b.keypoints.shape and np.abs(a.descriptors - b.descriptors).max() < 1e-3
+
+
+def test_ratio_test_drops_ambiguous_matches_on_repeated_texture():
+    from models.rerank import mutual_matches_many
+
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    base = rng.normal(size=(20, 32))
+    q = unit(base + rng.normal(scale=0.05, size=base.shape))
+    a = unit(base + rng.normal(scale=0.05, size=base.shape))
+    b = unit(a + rng.normal(scale=0.002, size=a.shape))  # the same pattern again, a little further on
+    repeated = np.concatenate([a, b])  # every feature twice, about equally close: each match is ambiguous
+    assert len(mutual_matches_many(q, [repeated], 0.9)[0]) >= 15
+    assert len(mutual_matches_many(q, [repeated], 0.9, ratio=0.9)[0]) == 0
+    assert len(mutual_matches_many(q, [a], 0.9, ratio=0.9)[0]) == 20  # distinct features keep their matches

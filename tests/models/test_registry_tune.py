@@ -7,7 +7,6 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from data.versioning import ingest
 from flows.cli import app
 from models import registry, tracking
 from models.config import ExtractConfig, ModelConfig, TrainConfig
@@ -24,8 +23,7 @@ def _register(model, tags):
     return registry.register(info.model_uri, tags)
 
 
-def test_gate_promote_rollback(workspace, tiny_synthetic):
-    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+def test_gate_promote_rollback(tiny_workspace):
     first = registry.ensure_champion(log_fn=lambda *_: None)
     assert registry.aliases() == {"champion": first}
     assert registry.ensure_champion() == first  # idempotent
@@ -68,15 +66,13 @@ TUNE_SPACE = {"lr": ["grid_search", [0.00001, 0.05]], "arcface_margin": ["unifor
               "dim": ["choice", [64]], "image_size": ["choice", [96]]}
 
 
-def test_tune_asha_registers_challenger(workspace, tiny_synthetic):
+@pytest.mark.slow
+def test_tune_asha_registers_challenger(tiny_workspace):
     from models.tune import TuneConfig, tune_delg
 
-    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
-    t0 = time.perf_counter()
     res = tune_delg("tiny", TuneConfig(trials=2, steps=12, val_every=2, cpus_per_trial=0.5, max_concurrent=2,
                                           space=TUNE_SPACE),
                     ModelConfig(), TrainConfig(batch_size=8, workers=1), log_fn=lambda *_: None)
-    assert time.perf_counter() - t0 < 300
     assert res.trials == 4 and res.stopped_early >= 1 and res.model_version
     assert registry.aliases()["challenger"] == res.model_version
     out = CliRunner().invoke(app, ["model", "list"])
@@ -106,12 +102,12 @@ class _InterruptOnce:
             raise KeyboardInterrupt("interrupting the search")
 
 
-def test_interrupted_tune_resumes_from_checkpoints(workspace, tiny_synthetic, tmp_path):
+@pytest.mark.slow
+def test_interrupted_tune_resumes_from_checkpoints(tiny_workspace, tmp_path):
     from ray import tune
 
     from models.tune import TuneConfig, tune_delg
 
-    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
     cfg = TuneConfig(trials=2, steps=8, val_every=2, cpus_per_trial=0.5,
                      space={"lr": ["choice", [0.01]], "dim": ["choice", [64]], "image_size": ["choice", [96]]})
     tcfg = TrainConfig(batch_size=8, workers=1)

@@ -20,8 +20,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_train_logs_to_mlflow_and_resumes(workspace, tiny_synthetic, tmp_path):
-    version, _ = ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+def test_train_logs_to_mlflow_and_resumes(tiny_workspace, tmp_path):
+    from data.versioning import dataset_dir
+
+    version = dataset_dir("tiny")[0]
     tcfg = TrainConfig(steps=4, **SMALL)
     mcfg = ModelConfig(dim=64)
 
@@ -52,8 +54,7 @@ def test_train_logs_to_mlflow_and_resumes(workspace, tiny_synthetic, tmp_path):
     assert "rerank_map" in out.output and "global_map" in out.output
 
 
-def test_evaluate_defaults_to_off_the_shelf_and_reranking_helps(workspace, tiny_synthetic):
-    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+def test_evaluate_defaults_to_off_the_shelf_and_reranking_helps(tiny_workspace):
     ev = evaluate("tiny", ecfg=ExtractConfig(max_side_px=192), log_fn=lambda *_: None)
     s = ev.summary
     assert s["model"] == "off-the-shelf" and s["protocol"] == "labels"

@@ -4,7 +4,7 @@ import pytest
 
 from data import manifest
 from data.config import NO_LABEL
-from data.versioning import dataset_dir, ingest
+from data.versioning import dataset_dir
 from models.config import ExtractConfig
 from models.extract import Features, unpack_local
 from data.errors import IlrError
@@ -41,8 +41,7 @@ def test_local_store_roundtrip_and_delete(tmp_path):
         reopened.get("img1")
 
 
-def test_build_search_resume_and_alias(workspace, tiny_synthetic):
-    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
+def test_build_search_resume_and_alias(tiny_workspace):
     res = build("tiny", cfg=IndexConfig(chunk=8), ecfg=ECFG, log_fn=lambda *_: None, engine="ray")
     df = manifest.read(dataset_dir("tiny")[1])
     n_index = int((df["split"] == "index").sum())

@@ -3,7 +3,6 @@ import base64
 import io
 import os
 import socket
-import subprocess
 import threading
 import time
 
@@ -14,7 +13,7 @@ from PIL import Image
 
 from data import manifest
 from data.config import NO_LABEL
-from data.versioning import dataset_dir, ingest
+from data.versioning import dataset_dir
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +25,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_synthetic):
+def service(tmp_path_factory, tiny_template):
     """tiny ingested and indexed (off-the-shelf model), the service running on a free loopback port."""
     from ray import serve
 
@@ -34,16 +33,13 @@ def service(tmp_path_factory, tiny_synthetic):
     from serving.config import serve_config
     from serving.index import build
 
+    from tests.conftest import copy_workspace, workspace_env
+
     root = tmp_path_factory.mktemp("svc")
-    repo = root / "repo"
-    repo.mkdir()
-    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "i"]):
-        subprocess.run(["git", *args], cwd=repo, check=True)
+    copy_workspace(tiny_template, root)
     saved = {k: os.environ.get(k) for k in ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "ILR_API_TOKEN")}
-    os.environ.update(ILR_REPO=str(repo), ILR_HOME=str(root / "home"), ILR_PARAMS=str(root / "none.yaml"),
-                      ILR_API_TOKEN="test-token")
+    os.environ.update(**workspace_env(root), ILR_API_TOKEN="test-token")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    ingest("synthetic", str(tiny_synthetic), "tiny", log=lambda *_: None)
     milvus_server.ensure()
     build("tiny", log_fn=lambda *_: None, engine="local")
     cfg = serve_config(port=_free_port(), max_body_mb=2.0)

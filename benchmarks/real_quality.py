@@ -1,0 +1,138 @@
+"""Retrieval quality on real photos: global search, then each re-ranking score, from one set of features.
+
+Folders of real photos (`root/<instance>/<image>`, leave-one-out: every photo with another photo of its
+instance queries all the others) are extracted once per (model, extraction setting); the inliers of each
+query's global top-K are computed once; every scoring variant then only re-orders them, so the table
+compares scores on exactly the same features and matches. Standard (non-interpolated) AP, as
+`ilr evaluate` reports for folders.
+
+Suites:
+  realdev       a folder of real multi-view photos given with --realdev (default: ILR_REALDEV)
+  pkg-photos    the real photos that ship in scikit-image / scikit-learn, with re-photographed views
+                (benchmarks/folder_quality.py; the motorcycle stereo pair is a genuine second view)
+
+Run:  .venv/bin/python benchmarks/real_quality.py --realdev PATH [--model off-the-shelf|URI|FOLDER ...]
+      [--max-side 384 512] [--features 500 1000] [--backbone tf_efficientnet_lite0 tf_efficientnet_lite2]
+Prints one row per (suite, model, setting, score) with global and re-ranked mAP and the per-query cost.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+SCORES = {"inliers_first": {"score": "inliers_first"},
+          "fused w0.25": {"score": "fused", "inlier_weight": 0.25},
+          "fused w0.5": {"score": "fused", "inlier_weight": 0.5},
+          "fused w1.0": {"score": "fused", "inlier_weight": 1.0}}
+
+
+def folder_suite(root: Path) -> tuple[list[Path], np.ndarray]:
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT)
+    return paths, np.array([p.parent.name for p in paths])
+
+
+def pkg_photos() -> Path:
+    from benchmarks.folder_quality import build
+
+    out = Path(tempfile.gettempdir()) / "ilr-bench" / "pkg-photos"
+    if not out.exists():
+        build(out)
+    return out
+
+
+def evaluate_suite(paths, labels, model, ecfg, rcfg, scores: dict) -> dict:
+    """{"global": mAP, "<score>": mAP, ..., "extract_ms": per image, "rerank_ms": per query}."""
+    from models import metrics
+    from models.extract import Extractor, pack_local, unpack_local
+    from models.rerank import Reranker, ranking_score
+
+    t0 = time.perf_counter()
+    feats = Extractor(model, ecfg).extract(paths)
+    extract_ms = (time.perf_counter() - t0) * 1000 / len(paths)
+    g = np.stack([f.global_desc for f in feats])
+    local = [(*unpack_local(*pack_local(f)), f.size) for f in feats]  # int8 as stored
+    counts = {lab: int((labels == lab).sum()) for lab in set(labels)}
+    queries = [i for i in range(len(paths)) if counts[labels[i]] >= 2]
+    sims = g[queries] @ g.T
+    sims[np.arange(len(queries)), queries] = -np.inf
+    orders = np.argsort(-sims, axis=1, kind="stable")
+    gt = [np.flatnonzero((labels == labels[q]) & (np.arange(len(labels)) != q)) for q in queries]
+    out = {"global": metrics.retrieval_map(orders, gt)["map"], "extract_ms": extract_ms}
+    k = min(rcfg.top_k, len(paths) - 1)
+    reranker = Reranker(rcfg)
+    inliers = np.zeros((len(queries), k), np.int64)
+    t0 = time.perf_counter()
+    for qi, q in enumerate(queries):
+        top = orders[qi, :k]
+        inliers[qi] = reranker.inliers(local[q][0], local[q][1], [local[j] for j in top])
+    out["rerank_ms"] = (time.perf_counter() - t0) * 1000 / len(queries)
+    for name, over in scores.items():
+        cfg = replace(rcfg, **over)
+        new = orders.copy()
+        for qi in range(len(queries)):
+            top = orders[qi, :k]
+            s = ranking_score(inliers[qi], sims[qi, top], cfg)
+            new[qi, :k] = top[np.argsort(-s, kind="stable")]
+        out[name] = metrics.retrieval_map(new, gt)["map"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--realdev", default=os.environ.get("ILR_REALDEV"), help="folder of real photos per instance")
+    ap.add_argument("--suites", nargs="+", default=["realdev", "pkg-photos"])
+    ap.add_argument("--model", nargs="+", default=["off-the-shelf"])
+    ap.add_argument("--backbone", nargs="+", default=[None], help="off-the-shelf backbone(s)")
+    ap.add_argument("--max-side", type=int, nargs="+", default=[None])
+    ap.add_argument("--features", type=int, nargs="+", default=[None])
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--ratio", type=float, nargs="+", default=[None], help="matcher ratio test (1.0 = off)")
+    args = ap.parse_args()
+
+    from models import artifacts, registry
+    from models.config import extract_config, model_config, rerank_config
+
+    suites = {}
+    for s in args.suites:
+        if s == "realdev":
+            if not args.realdev:
+                sys.exit("realdev: pass --realdev PATH (or set ILR_REALDEV)")
+            suites[s] = folder_suite(Path(args.realdev))
+        elif s == "pkg-photos":
+            suites[s] = folder_suite(pkg_photos())
+        else:
+            suites[s] = folder_suite(Path(s))
+    print(f"{'suite':11s} {'model':28s} {'side':>4s} {'feat':>4s} {'ratio':>5s} {'global':>7s} "
+          + " ".join(f"{n:>13s}" for n in SCORES) + f" {'ext ms':>7s} {'rr ms':>6s}")
+    for model_ref in args.model:
+        for backbone in args.backbone:
+            if model_ref == "off-the-shelf":
+                model = artifacts.off_the_shelf(model_config(**({"backbone": backbone} if backbone else {})))
+                name = f"ots {model.cfg.backbone.replace('tf_efficientnet_', '')}"
+            else:
+                model, name = registry.resolve(model_ref)
+                name = name[-28:]
+            for side in args.max_side:
+                for n in args.features:
+                    ecfg = extract_config(**{k: v for k, v in {"max_side_px": side, "max_local_features": n}.items() if v})
+                    for suite, (paths, labels) in suites.items():
+                        for ratio in args.ratio:
+                            rcfg = rerank_config(**{k: v for k, v in {"top_k": args.top_k, "ratio": ratio}.items() if v})
+                            r = evaluate_suite(paths, labels, model, ecfg, rcfg, SCORES)
+                            print(f"{suite:11s} {name:28s} {ecfg.max_side_px:4d} {ecfg.local_count('cpu'):4d} "
+                                  f"{rcfg.ratio:5.2f} {r['global']:7.4f} " + " ".join(f"{r[s]:13.4f}" for s in SCORES)
+                                  + f" {r['extract_ms']:7.0f} {r['rerank_ms']:6.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
