@@ -43,12 +43,32 @@ def _data_cfg(**overrides) -> DataConfig:
 
 
 _interrupted = False
+_GRACE_S = 10.0
 
 
 def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C: stop the command (KeyboardInterrupt), and make sure it ends. The terminal's Ctrl-C also
+    stops the temporary Prefect server and the local Ray this process started; a flow that then reports
+    its crash to the gone server would retry for minutes, so after a grace period the process exits."""
     global _interrupted
+    if not _interrupted:
+        import threading
+        import time
+
+        def deadline() -> None:
+            time.sleep(_GRACE_S)
+            _hard_exit()
+
+        threading.Thread(target=deadline, daemon=True).start()
     _interrupted = True
     raise KeyboardInterrupt
+
+
+def _hard_exit() -> None:
+    err.print("interrupted: nothing finished is lost; run the same command again to go on from there")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 @app.callback()
@@ -482,16 +502,7 @@ def main() -> None:
         app()
     finally:
         if _interrupted:
-            err.print("interrupted: nothing finished is lost; run the same command again to go on from there")
-            try:
-                import ray
-
-                if ray.is_initialized():
-                    ray.shutdown()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(130)
+            _hard_exit()
 
 
 if __name__ == "__main__":
