@@ -42,7 +42,7 @@ def folder_suite(root: Path) -> tuple[list[Path], np.ndarray]:
 
 
 def pkg_photos() -> Path:
-    from benchmarks.folder_quality import build
+    from data.photos import build
 
     out = Path(tempfile.gettempdir()) / "ilr-bench" / "pkg-photos"
     if not out.exists():

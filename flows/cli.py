@@ -270,12 +270,15 @@ def model_list():
     if not rows:
         err.print(f"no registered versions of {model_name()}")
         raise typer.Exit(1)
-    t = Table(title=f"registered model {model_name()}")
-    for col in ("version", "aliases", "eval map", "global", "rerank", "dataset", "dvc md5", "kind", "gate", "created"):
+    suites = sorted({s for r in rows for s in r["suites"]})
+    t = Table(title=f"registered model {model_name()} (served mAP per dataset the gate measured)")
+    for col in ("version", "aliases", "eval map", "global", "rerank", *suites, "dataset", "dvc md5", "kind", "gate",
+                "created"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["version"], r["aliases"], r["eval.map"], r["eval.global_map"], r["eval.rerank_map"], r["dataset"],
-                  r["dataset_dvc_md5"][:12], r["kind"], r["gate"], r["created"])
+        t.add_row(r["version"], r["aliases"], r["eval.map"], r["eval.global_map"], r["eval.rerank_map"],
+                  *(r["suites"].get(s, "") for s in suites), r["dataset"], r["dataset_dvc_md5"][:12], r["kind"],
+                  r["gate"], r["created"])
     console.print(t)
 
 
@@ -283,19 +286,18 @@ def model_list():
 def model_gate(dataset: str = typer.Option(..., help="gating dataset NAME[@VERSION]"),
                margin: Optional[float] = typer.Option(None, help="required improvement (default: params.yaml "
                                                                   "gate.margin)"),
-               rerank: bool = typer.Option(True, "--rerank/--no-rerank")):
-    """Evaluate challenger vs champion on the gating set; promote the challenger only if it wins by `margin`."""
-    from models.config import extract_config, gate_config
-    from models.registry import gate
+               suites: Optional[list[str]] = typer.Option(None, "--suite", help="golden suite dataset (repeat; "
+                                                                                "default: params.yaml gate.suites)")):
+    """Challenger vs champion on the target dataset (a win beyond the noise of its queries) and on every golden
+    suite (no regression beyond gate.max_regression), with the served settings; promote only if it passes."""
+    from models.config import gate_config
+    from models.gate import gate
 
-    margin = gate_config(margin=margin).margin
     try:
-        d = gate(dataset, margin, rerank=rerank, ecfg=extract_config(), log_fn=console.print)
+        d = gate(dataset, gate_config(margin=margin, suites=suites or None), log_fn=console.print)
     except IlrError as e:
         _fail(e)
-    console.print(f"{'PROMOTED' if d.promoted else 'REFUSED'} v{d.challenger} "
-                  f"(challenger {d.challenger_score:.4f} vs champion {d.champion_score:.4f}, margin {d.margin}); "
-                  f"mlflow run {d.run_id}")
+    console.print(f"{'PROMOTED' if d.promoted else 'REFUSED'} v{d.challenger}: {d.reason}; mlflow run {d.run_id}")
 
 
 @model_app.command("promote")

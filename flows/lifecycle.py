@@ -86,10 +86,9 @@ def ensure_champion_task() -> str:
 
 @task
 def gate_task(dataset: str) -> dict:
-    from models import registry
-    from models.config import extract_config, gate_config
+    from models.gate import gate
 
-    d = registry.gate(dataset, gate_config().margin, ecfg=extract_config(), log_fn=_log())
+    d = gate(dataset, log_fn=_log())
     return {"promoted": d.promoted, "challenger": d.challenger, "champion": d.champion, "reason": d.reason,
             "challenger_score": d.challenger_score, "champion_score": d.champion_score, "run_id": d.run_id}
 

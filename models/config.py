@@ -94,7 +94,12 @@ class RerankConfig:
 @dataclass
 class GateConfig:
     """The promotion gate (params.yaml `gate`)."""
-    margin: float = 0.0                       # the challenger must beat the champion by more than this
+    margin: float = 0.0                       # the challenger must beat the champion by more than this, on the
+                                              # target dataset, at the lower end of the bootstrap interval
+    suites: list = field(default_factory=list)  # golden suites (dataset NAME or NAME@vN, real photos): none may
+    max_regression: float = 0.01                # regress by more than this (served or global mAP)
+    bootstrap: int = 1000                     # paired bootstrap resamples over the target's queries
+    confidence: float = 0.95                  # of the bootstrap interval
 
 
 def gate_config(**kw) -> GateConfig:

@@ -6,11 +6,8 @@ recorded as tags on the model version it concerns.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from models import artifacts, tracking
 from models.delg import DELG
 
 ALIASES = ("champion", "challenger", "previous")
-METRIC_TAGS = ("eval.map", "eval.global_map", "eval.rerank_map")
+METRIC_TAGS = ("eval.map", "eval.global_map", "eval.rerank_map")  # on the gate's target dataset
 
 
 def model_name() -> str:
@@ -115,7 +112,7 @@ def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
     return artifacts.load(model_dir(model_uri), device), model_uri
 
 
-def _tag(version: str, tags: dict) -> None:
+def tag(version: str, tags: dict) -> None:
     c = client()
     for k, v in tags.items():
         c.set_model_version_tag(model_name(), version, k, str(v))
@@ -133,7 +130,7 @@ def promote(version: str, reason: str = "manual promotion") -> dict:
     c.set_registered_model_alias(model_name(), "champion", str(version))
     if alias_version("challenger") == str(version):
         c.delete_registered_model_alias(model_name(), "challenger")
-    _tag(str(version), {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "promotion.reason": reason,
+    tag(str(version), {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "promotion.reason": reason,
                         "promotion.replaced": current or ""})
     return {"champion": str(version), "previous": current, "changed": True}
 
@@ -147,7 +144,7 @@ def rollback() -> dict:
     c.set_registered_model_alias(model_name(), "champion", previous)
     if current:
         c.set_registered_model_alias(model_name(), "previous", current)
-        _tag(current, {"rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        tag(current, {"rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return {"champion": previous, "previous": current}
 
 
@@ -168,6 +165,7 @@ def versions() -> list[dict]:
                      **{k: t.get(k, "") for k in METRIC_TAGS}, "dataset": t.get("dataset", ""),
                      "dataset_dvc_md5": t.get("dataset.dvc_md5", ""), "kind": t.get("kind", ""),
                      "gate": t.get("gate.decision", ""), "run_id": mv.run_id or "",
+                     "suites": {k[5:-11]: t[k] for k in sorted(t) if k.startswith("eval.") and k.endswith(".served_map")},
                      "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000))})
     return rows
 
@@ -189,84 +187,3 @@ def ensure_champion(log_fn=print) -> str:
     promote(version, "first champion: off-the-shelf ImageNet backbone with GeM")
     log_fn(f"registered the off-the-shelf model as {model_name()} v{version} (champion)")
     return version
-
-
-@dataclass
-class GateDecision:
-    promoted: bool
-    challenger: str
-    champion: str | None
-    challenger_score: float
-    champion_score: float
-    margin: float
-    reason: str
-    run_id: str
-
-
-def gate(dataset: str, margin: float = 0.0, metric: str = "map", rerank: bool = True, ecfg=None,
-         log_fn=print) -> GateDecision:
-    """Evaluate challenger and champion on `dataset` in one MLflow run; move `champion` only when the
-    challenger wins by more than `margin`. The decision, both scores and the reason are version tags."""
-    import mlflow
-
-    from models.evaluate import evaluate
-
-    from data.versioning import dataset_dir
-
-    challenger = alias_version("challenger")
-    if not challenger:
-        raise IlrError("no model has the alias 'challenger'; register one first")
-    champion = alias_version("champion")
-    if challenger == champion:  # a re-run registered the same model again: nothing to decide
-        client().delete_registered_model_alias(model_name(), "challenger")
-        reason = f"challenger v{challenger} is the champion already"
-        log_fn(f"gate: {reason}")
-        return GateDecision(False, challenger, champion, float("nan"), float("nan"), margin, reason, "")
-    ref = dataset_dir(dataset)[0]
-    # a model's score on one dataset version under one evaluation setting is computed once, then reused
-    setting = hashlib.sha1(json.dumps([metric, rerank, asdict(ecfg) if ecfg is not None else None],
-                                      sort_keys=True, default=str).encode()).hexdigest()[:8]
-    score_tag = f"gate.score.{ref.name}.{ref.version}.{setting}"
-    tracking.setup("ilr-gate")
-    with mlflow.start_run(run_name=f"gate v{challenger} vs v{champion} on {ref.ref}") as run:
-        scores = {}
-        for role, version in (("challenger", challenger), ("champion", champion)):
-            if version is None:
-                scores[role] = float("-inf")
-                continue
-            cached = client().get_model_version(model_name(), version).tags.get(score_tag)
-            if cached is not None:
-                scores[role] = float(cached)
-                mlflow.log_metric(f"{role}_{metric}", scores[role])
-                log_fn(f"gate: {role} v{version} {metric} {scores[role]:.4f} on {ref.ref} (measured before)")
-                continue
-            model, mref = load(version)
-            ev = evaluate(ref.ref, rerank=rerank, ecfg=ecfg, model=model, model_name=mref, log_mlflow=False,
-                          log_fn=log_fn)
-            scores[role] = float(ev.summary[metric])
-            mlflow.log_metrics({f"{role}_{k}": float(v) for k, v in ev.summary.items()
-                                if isinstance(v, float) and np.isfinite(v)})
-            _tag(version, {f"eval.{k}": f"{v:.4f}" for k, v in ev.summary.items()
-                           if k in ("map", "global_map", "rerank_map") and isinstance(v, float)})
-            _tag(version, {score_tag: repr(scores[role])})
-        win = scores["challenger"] > scores["champion"] + margin
-        if champion is None:
-            reason = "no champion yet"
-        elif win:
-            reason = (f"challenger {metric} {scores['challenger']:.4f} beats champion {scores['champion']:.4f} "
-                      f"by more than {margin}")
-        else:
-            reason = (f"challenger {metric} {scores['challenger']:.4f} does not beat champion "
-                      f"{scores['champion']:.4f} by more than {margin}")
-        decision = "promoted" if win else "rejected"
-        mlflow.set_tags({"gate.decision": decision, "gate.reason": reason, "gate.dataset": ref.ref,
-                         "gate.challenger": challenger, "gate.champion": champion or "", "ilr.kind": "gate"})
-        _tag(challenger, {"gate.decision": decision, "gate.reason": reason, "gate.dataset": ref.ref,
-                          "gate.challenger_score": f"{scores['challenger']:.4f}",
-                          "gate.champion_score": f"{scores['champion']:.4f}", "gate.champion": champion or "",
-                          "gate.run_id": run.info.run_id})
-    if win:
-        promote(challenger, reason)
-    log_fn(f"gate: {decision} v{challenger}: {reason}")
-    return GateDecision(win, challenger, champion, scores["challenger"], scores["champion"], margin, reason,
-                        run.info.run_id)

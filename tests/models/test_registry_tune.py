@@ -1,5 +1,6 @@
 """Registry lifecycle on a real SQLite MLflow, and a Ray Tune search on a real local Ray."""
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -10,7 +11,10 @@ from typer.testing import CliRunner
 from flows.cli import app
 from models import registry, tracking
 from models.config import ExtractConfig, ModelConfig, TrainConfig
+from models.artifacts import off_the_shelf
+from models.config import GateConfig
 from models.delg import DELG
+from models.gate import gate
 
 pytestmark = pytest.mark.integration
 ECFG = ExtractConfig(max_side_px=160, max_local_features=200)
@@ -32,17 +36,22 @@ def test_gate_promote_rollback(tiny_workspace):
     worse = DELG(ModelConfig(dim=64), load_pretrained=False)  # random weights: a deliberately worse model
     bad = _register(worse, {"kind": "random"})
     assert registry.aliases()["challenger"] == bad
-    d = registry.gate("tiny", margin=0.0, ecfg=ECFG, log_fn=lambda *_: None)
-    assert not d.promoted and d.challenger_score < d.champion_score
+    d = gate("tiny", GateConfig(), ecfg=ECFG, log_fn=lambda *_: None)
+    assert not d.promoted and d.challenger_score < d.champion_score and d.interval[1] < 0
     assert registry.aliases()["champion"] == first
     tags = MlflowClient().get_model_version(registry.model_name(), bad).tags
-    assert tags["gate.decision"] == "rejected" and "does not beat" in tags["gate.reason"]
+    assert tags["gate.decision"] == "rejected" and "does not clear the margin" in tags["gate.reason"]
     assert float(tags["gate.champion_score"]) == pytest.approx(d.champion_score, abs=1e-4)
+    assert tags["gate.interval"].startswith("[-")
+    # a difference within the noise of the queries is not a win: the champion against itself
+    same = _register(off_the_shelf(), {"kind": "copy"})
+    d = gate("tiny", GateConfig(), ecfg=ECFG, log_fn=lambda *_: None)
+    assert not d.promoted and d.interval == (0.0, 0.0) and registry.aliases()["champion"] == first
 
-    # the same off-the-shelf weights with a tiny margin requirement of -1 always "win": a better challenger
-    from models.artifacts import off_the_shelf
+    # the same weights with a margin of -1 always "win": stands in for a better challenger
     good = _register(off_the_shelf(), {"kind": "copy"})
-    d = registry.gate("tiny", margin=-1.0, ecfg=ECFG, log_fn=lambda *_: None)
+    assert good != same
+    d = gate("tiny", GateConfig(margin=-1.0), ecfg=ECFG, log_fn=lambda *_: None)
     assert d.promoted and registry.aliases() == {"champion": good, "previous": first}
     assert MlflowClient().get_model_version(registry.model_name(), good).tags["gate.decision"] == "promoted"
 
@@ -59,6 +68,46 @@ def test_gate_promote_rollback(tiny_workspace):
     # loading goes through weights-only state dicts
     model, ref = registry.load("champion")
     assert ref.endswith("@champion") and isinstance(model, DELG)
+
+
+REALDEV = Path(__file__).resolve().parents[3] / "shared" / "realdev"
+
+
+def _real_photos(dest: Path) -> Path:
+    """A few instances of the shared real-photo dev set (beside the checkout), else the packaged photos."""
+    import shutil
+
+    if REALDEV.is_dir():
+        for inst in ("herz_jesu_church", "fox_figurine", "kitchen", "berlin_cathedral"):
+            shutil.copytree(REALDEV / inst, dest / inst)
+        return dest
+    from data.photos import build
+
+    return build(dest)
+
+
+def test_gate_refuses_a_challenger_that_regresses_a_golden_suite(tiny_workspace, tmp_path):
+    """A damaged model (noise on its deeper backbone weights) is refused, and the decision names the suite."""
+    from data.versioning import ingest
+
+    ingest("folder", str(_real_photos(tmp_path / "photos")), "golden", log=lambda *_: None)
+    first = registry.ensure_champion(log_fn=lambda *_: None)
+    damaged = off_the_shelf()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in damaged.backbone.named_parameters():
+            if name.startswith(("blocks.3", "blocks.4", "blocks.5", "blocks.6")) and p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * 1.5)
+    bad = _register(damaged, {"kind": "damaged"})
+    d = gate("tiny", GateConfig(margin=-1.0, suites=["golden"]), ecfg=ECFG, log_fn=lambda *_: None)
+    assert not d.promoted and registry.aliases()["champion"] == first
+    assert "golden@v1 regresses" in d.reason, d.reason
+    assert d.suites["golden@v1"]["challenger"] < d.suites["golden@v1"]["champion"] - 0.01
+    tags = MlflowClient().get_model_version(registry.model_name(), bad).tags
+    assert tags["gate.suites"] == "golden@v1" and float(tags["eval.golden.served_map"]) < float(
+        MlflowClient().get_model_version(registry.model_name(), first).tags["eval.golden.served_map"])
+    out = CliRunner().invoke(app, ["model", "list"])
+    assert out.exit_code == 0 and "golden" in out.output, out.output
 
 
 # two learning rates far apart, so that ASHA has clearly worse trials to stop
