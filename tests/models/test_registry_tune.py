@@ -119,7 +119,7 @@ TUNE_SPACE = {"lr": ["grid_search", [0.00001, 0.05]], "arcface_margin": ["unifor
 def test_tune_asha_registers_challenger(tiny_workspace):
     from models.tune import TuneConfig, tune_delg
 
-    res = tune_delg("tiny", TuneConfig(trials=2, steps=12, val_every=2, cpus_per_trial=0.5, max_concurrent=2,
+    res = tune_delg("tiny", TuneConfig(trials=2, steps=8, val_every=2, cpus_per_trial=0.5, max_concurrent=2,
                                           space=TUNE_SPACE),
                     ModelConfig(), TrainConfig(batch_size=8, workers=1), log_fn=lambda *_: None)
     assert res.trials == 4 and res.stopped_early >= 1 and res.model_version
@@ -157,7 +157,7 @@ def test_interrupted_tune_resumes_from_checkpoints(tiny_workspace, tmp_path):
 
     from models.tune import TuneConfig, tune_delg
 
-    cfg = TuneConfig(trials=2, steps=8, val_every=2, cpus_per_trial=0.5,
+    cfg = TuneConfig(trials=2, steps=4, val_every=2, cpus_per_trial=0.5,
                      space={"lr": ["choice", [0.01]], "dim": ["choice", [64]], "image_size": ["choice", [96]]})
     tcfg = TrainConfig(batch_size=8, workers=1)
     cb = type("Interrupt", (_InterruptOnce, tune.Callback), {})(tmp_path / "interrupted")
@@ -173,4 +173,4 @@ def test_interrupted_tune_resumes_from_checkpoints(tiny_workspace, tmp_path):
     client = MlflowClient()
     for run_id in runs["run_id"]:
         steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-        assert max(steps) == 8 and min(steps) == 1
+        assert max(steps) == 4 and min(steps) == 1
