@@ -9,7 +9,9 @@ compares scores on exactly the same features and matches. Standard (non-interpol
 Suites:
   realdev       a folder of real multi-view photos given with --realdev (default: ILR_REALDEV)
   pkg-photos    the real photos that ship in scikit-image / scikit-learn, with re-photographed views
-                (benchmarks/folder_quality.py; the motorcycle stereo pair is a genuine second view)
+                (data/photos.py, the demo's `real-photos` golden suite; the motorcycle pair is a genuine
+                second view)
+  synthetic-small  the embedded dataset's 80 queries against its 110 index images (labels protocol)
 
 Run:  .venv/bin/python benchmarks/real_quality.py --realdev PATH [--model off-the-shelf|URI|FOLDER ...]
       [--max-side 384 512] [--features 500 1000] [--backbone tf_efficientnet_lite0 tf_efficientnet_lite2]
@@ -50,31 +52,53 @@ def pkg_photos() -> Path:
     return out
 
 
-def evaluate_suite(paths, labels, model, ecfg, rcfg, scores: dict) -> dict:
-    """{"global": mAP, "<score>": mAP, ..., "extract_ms": per image, "rerank_ms": per query}."""
+def synthetic_suite(size: str = "small"):
+    """The embedded dataset's queries against its index (labels protocol; distractors are never positive)."""
+    from benchmarks.common import small_dataset, split
+
+    folder, df = small_dataset(size)
+    index, queries, _ = split(df)
+    return ([folder / p for p in index["path"]], index["label"].to_numpy(),
+            [folder / p for p in queries["path"]], queries["label"].to_numpy())
+
+
+def evaluate_suite(paths, labels, model, ecfg, rcfg, scores: dict, q_paths=None, q_labels=None) -> dict:
+    """{"global": mAP, "<score>": mAP, ..., "extract_ms": per image, "rerank_ms": per query}. Leave-one-out
+    over `paths` unless queries are given."""
+    from data.config import NO_LABEL
     from models import metrics
     from models.extract import Extractor, pack_local, unpack_local
     from models.rerank import Reranker, ranking_score
 
+    extractor = Extractor(model, ecfg)
     t0 = time.perf_counter()
-    feats = Extractor(model, ecfg).extract(paths)
+    feats = extractor.extract(paths)
     extract_ms = (time.perf_counter() - t0) * 1000 / len(paths)
     g = np.stack([f.global_desc for f in feats])
     local = [(*unpack_local(*pack_local(f)), f.size) for f in feats]  # int8 as stored
-    counts = {lab: int((labels == lab).sum()) for lab in set(labels)}
-    queries = [i for i in range(len(paths)) if counts[labels[i]] >= 2]
-    sims = g[queries] @ g.T
-    sims[np.arange(len(queries)), queries] = -np.inf
+    if q_paths is None:
+        counts = {lab: int((labels == lab).sum()) for lab in set(labels)}
+        queries = [i for i in range(len(paths)) if counts[labels[i]] >= 2]
+        q_g, q_local, q_labels = g[queries], [local[i] for i in queries], labels[queries]
+        sims = q_g @ g.T
+        sims[np.arange(len(queries)), queries] = -np.inf
+        gt = [np.flatnonzero((labels == labels[q]) & (np.arange(len(labels)) != q)) for q in queries]
+    else:
+        q_feats = extractor.extract(q_paths)
+        q_g = np.stack([f.global_desc for f in q_feats])
+        q_local = [(*unpack_local(*pack_local(f)), f.size) for f in q_feats]
+        queries = list(range(len(q_paths)))
+        sims = q_g @ g.T
+        gt = [np.flatnonzero((labels == lab) & (labels != NO_LABEL)) for lab in q_labels]
     orders = np.argsort(-sims, axis=1, kind="stable")
-    gt = [np.flatnonzero((labels == labels[q]) & (np.arange(len(labels)) != q)) for q in queries]
     out = {"global": metrics.retrieval_map(orders, gt)["map"], "extract_ms": extract_ms}
-    k = min(rcfg.top_k, len(paths) - 1)
+    k = min(rcfg.top_k, len(paths) - (1 if q_paths is None else 0))
     reranker = Reranker(rcfg)
     inliers = np.zeros((len(queries), k), np.int64)
     t0 = time.perf_counter()
-    for qi, q in enumerate(queries):
+    for qi in range(len(queries)):
         top = orders[qi, :k]
-        inliers[qi] = reranker.inliers(local[q][0], local[q][1], [local[j] for j in top])
+        inliers[qi] = reranker.inliers(q_local[qi][0], q_local[qi][1], [local[j] for j in top])
     out["rerank_ms"] = (time.perf_counter() - t0) * 1000 / len(queries)
     for name, over in scores.items():
         cfg = replace(rcfg, **over)
@@ -110,6 +134,8 @@ def main() -> None:
             suites[s] = folder_suite(Path(args.realdev))
         elif s == "pkg-photos":
             suites[s] = folder_suite(pkg_photos())
+        elif s == "synthetic-small":
+            suites[s] = synthetic_suite()
         else:
             suites[s] = folder_suite(Path(s))
     print(f"{'suite':11s} {'model':28s} {'side':>4s} {'feat':>4s} {'ratio':>5s} {'global':>7s} "
@@ -125,10 +151,10 @@ def main() -> None:
             for side in args.max_side:
                 for n in args.features:
                     ecfg = extract_config(**{k: v for k, v in {"max_side_px": side, "max_local_features": n}.items() if v})
-                    for suite, (paths, labels) in suites.items():
+                    for suite, (paths, labels, *queries) in suites.items():
                         for ratio in args.ratio:
                             rcfg = rerank_config(**{k: v for k, v in {"top_k": args.top_k, "ratio": ratio}.items() if v})
-                            r = evaluate_suite(paths, labels, model, ecfg, rcfg, SCORES)
+                            r = evaluate_suite(paths, labels, model, ecfg, rcfg, SCORES, *queries)
                             print(f"{suite:11s} {name:28s} {ecfg.max_side_px:4d} {ecfg.local_count('cpu'):4d} "
                                   f"{rcfg.ratio:5.2f} {r['global']:7.4f} " + " ".join(f"{r[s]:13.4f}" for s in SCORES)
                                   + f" {r['extract_ms']:7.0f} {r['rerank_ms']:6.0f}", flush=True)
