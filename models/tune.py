@@ -31,10 +31,19 @@ def ensure_ray(dashboard: bool = False) -> None:
     import ray
 
     pin_workspace()  # resolved here, in the driver: workers get these values, never their own cwd's
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
-                 include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
+                     include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
+            return
+        except Exception as e:
+            # a local Ray gives its raylet 30 s to register; on a busy 2-core machine that can pass: once more
+            if address or attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
 
 
 def _space(spec: dict):
