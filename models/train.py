@@ -52,6 +52,29 @@ def _flat(prefix: str, d: dict) -> dict:
     return {f"{prefix}.{k}": (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in d.items()}
 
 
+def _freeze(model: DELG, tcfg: TrainConfig) -> str:
+    """Freeze the first `freeze_blocks` children of the backbone (for timm's EfficientNets: conv_stem, bn1,
+    blocks.0, ...; a block list counts each block). Returns what was frozen, for the log."""
+    names = []
+    for name, child in model.backbone.named_children():
+        parts = list(child.named_children()) if name == "blocks" else [(name, child)]
+        for sub, mod in parts:
+            if len(names) >= tcfg.freeze_blocks:
+                break
+            mod.requires_grad_(False)
+            names.append(sub if name != "blocks" else f"blocks.{sub}")
+    return ", ".join(names)
+
+
+def _train_mode(model: DELG, tcfg: TrainConfig) -> None:
+    """model.train(), except the backbone's BatchNorm layers when their statistics are kept."""
+    model.train()
+    if tcfg.freeze_bn:
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 @torch.no_grad()
 def validate(model: DELG, val: ImageSet, train_eval: ImageSet, device: str, batch_size: int = 32) -> dict:
     """Retrieval on held-out views of the training classes: each val image queries the train images.
@@ -103,7 +126,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
     seed_everything(tcfg.seed)
     device = resolve_device(tcfg.device)
     model = DELG(mcfg, num_classes=len(classes), class_counts=counts).to(device)
-    model.train()
+    _train_mode(model, tcfg)
     kw = dict(mean=model.cfg.mean, std=model.cfg.std, workers=tcfg.workers)
     train_set = ImageSet(folder, train_rows, y_train, tcfg.image_size, train=True,
                          crop_scale_min=tcfg.crop_scale_min, color_jitter=tcfg.color_jitter, **kw)
@@ -111,11 +134,19 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
         if len(val_rows) else None
     train_eval = ImageSet(folder, train_rows, y_train, tcfg.image_size, False, **kw) if val_set else None
 
+    frozen = _freeze(model, tcfg)
     local = [p for n, p in model.named_parameters() if n.startswith(("attention.", "autoencoder.",
                                                                       "attention_classifier."))]
     local_ids = {id(p) for p in local}
-    glob = [p for p in model.parameters() if id(p) not in local_ids]
-    opt = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    glob = [p for p in model.parameters() if id(p) not in local_ids and p.requires_grad]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    backbone_ids = {id(p) for p in backbone}
+    heads = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
+    opt = torch.optim.SGD([{"params": heads}, {"params": backbone, "lr": tcfg.lr * tcfg.backbone_lr_mult}],
+                          lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    if frozen:
+        log_fn(f"backbone: {frozen} frozen from the input side; lr x {tcfg.backbone_lr_mult}; "
+               f"BatchNorm statistics {'kept' if tcfg.freeze_bn else 'trained'}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / tcfg.steps))
     use_amp = tcfg.amp and device.startswith("cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -175,6 +206,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
                                    step=step)
                 if val_set is not None and (step % tcfg.val_every == 0 or step == tcfg.steps):
                     metrics = validate(model, val_set, train_eval, device)
+                    _train_mode(model, tcfg)
                     mlflow.log_metrics(metrics, step=step)
                     log_fn(f"step {step}/{tcfg.steps} loss {float(losses['loss'].detach()):.3f} "
                            f"val_map {metrics['val_map']:.3f} val_top1 {metrics['val_top1']:.3f} "

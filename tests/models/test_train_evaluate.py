@@ -78,3 +78,23 @@ def test_leave_one_out_protocol_on_a_photo_folder(workspace, tmp_path):
     ev = evaluate("photos", ecfg=ExtractConfig(max_side_px=256), log_mlflow=False, log_fn=lambda *_: None)
     assert ev.summary["protocol"] == "leave_one_out" and ev.summary["queries"] == 2
     assert ev.summary["rerank_map"] == pytest.approx(1.0)  # the stereo pair finds each other
+
+
+def test_fine_tuning_can_keep_what_imagenet_gave(tiny_workspace):
+    """Frozen early blocks and BatchNorm statistics stay as pretrained; the backbone learns at a lower rate."""
+    import torch
+
+    from models.artifacts import load
+    from models.delg import DELG
+
+    tcfg = TrainConfig(steps=2, freeze_blocks=3, freeze_bn=True, backbone_lr_mult=0.1, **SMALL)
+    lines = []
+    res = train("tiny", ModelConfig(dim=64), tcfg, log_fn=lines.append)
+    assert any("conv_stem, bn1, blocks.0 frozen" in line for line in lines), lines
+    trained = load(res.model_dir).backbone.state_dict()
+    pretrained = DELG(ModelConfig(dim=64)).backbone.state_dict()
+    assert torch.equal(trained["conv_stem.weight"], pretrained["conv_stem.weight"])
+    assert torch.equal(trained["blocks.0.0.conv_dw.weight"], pretrained["blocks.0.0.conv_dw.weight"])
+    bn = [k for k in pretrained if k.endswith("running_mean")]
+    assert all(torch.equal(trained[k], pretrained[k]) for k in bn)  # statistics kept everywhere
+    assert not torch.equal(trained["blocks.6.0.conv_pw.weight"], pretrained["blocks.6.0.conv_pw.weight"])
