@@ -297,6 +297,9 @@ def model_gate(dataset: str = typer.Option(..., help="gating dataset NAME[@VERSI
         d = gate(dataset, gate_config(margin=margin, suites=suites or None), log_fn=console.print)
     except IlrError as e:
         _fail(e)
+    from flows.lifecycle import record_gate
+
+    record_gate(d)
     console.print(f"{'PROMOTED' if d.promoted else 'REFUSED'} v{d.challenger}: {d.reason}; mlflow run {d.run_id}")
 
 

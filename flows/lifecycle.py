@@ -89,6 +89,7 @@ def gate_task(dataset: str) -> dict:
     from models.gate import gate
 
     d = gate(dataset, log_fn=_log())
+    record_gate(d)
     return {"promoted": d.promoted, "challenger": d.challenger, "champion": d.champion, "reason": d.reason,
             "challenger_score": d.challenger_score, "champion_score": d.champion_score, "run_id": d.run_id}
 
@@ -124,6 +125,25 @@ def monitor_task(url: str | None) -> dict:
     from serving.client import Client
 
     return monitor.summary(monitor.run(Client(url)))
+
+
+def record_gate(d) -> None:
+    """The decision's scores per dataset (target and golden suites) into the monitoring store, for the
+    dashboard's quality-per-suite plot: the champion after the decision, and the challenger's score."""
+    from monitoring.store import MonitorStore
+
+    if not d.suites:
+        return
+    store = MonitorStore()
+    try:
+        for dataset, s in d.suites.items():
+            won = d.promoted or s["champion"] is None
+            store.add("gate", dataset=dataset, champion=d.challenger if won else d.champion,
+                      served=s["challenger"] if won else s["champion"],
+                      global_map=s["challenger_global"] if won else s["champion_global"], challenger=d.challenger,
+                      challenger_served=s["challenger"], decision="promoted" if d.promoted else "rejected")
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------------------------------------- triggers

@@ -50,7 +50,7 @@ class GateDecision:
     reason: str
     run_id: str
     interval: tuple[float, float] = (float("nan"), float("nan"))   # bootstrap interval of the target difference
-    suites: dict = field(default_factory=dict)                     # suite -> {challenger, champion, ...}
+    suites: dict = field(default_factory=dict)   # dataset (target and suites) -> {challenger, champion, ...}
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 1000, confidence: float = 0.95,
@@ -121,12 +121,12 @@ def gate(dataset: str, cfg: GateConfig | None = None, ecfg: ExtractConfig | None
             else (float("nan"), float("nan"))
         failures = []
         table = {}
-        for d in suites:
+        for d in [target, *suites]:
             drop_served = old[d].served - new[d].served if champion else 0.0
             drop_global = old[d].global_ - new[d].global_ if champion else 0.0
             table[d] = {"challenger": new[d].served, "champion": old[d].served if champion else None,
                         "challenger_global": new[d].global_, "champion_global": old[d].global_ if champion else None}
-            if max(drop_served, drop_global) > cfg.max_regression:
+            if d != target and max(drop_served, drop_global) > cfg.max_regression:
                 failures.append(f"{d} regresses (served {new[d].served:.4f} vs {old[d].served:.4f}, global "
                                 f"{new[d].global_:.4f} vs {old[d].global_:.4f}; tolerance {cfg.max_regression})")
         if champion is None:

@@ -88,6 +88,9 @@ def render(store: MonitorStore, health: dict | None = None, metrics: dict | None
     drift_s = {"MMD^2": [(r["ts"], r["mmd"]) for r in drift if r["mmd"] is not None],
                "centroid shift": [(r["ts"], r["centroid_shift"]) for r in drift if r["centroid_shift"] is not None]}
     ann_s = {"ANN recall": [(r["ts"], r["recall"]) for r in ann]}
+    suites: dict[str, list] = {}
+    for r in store.rows("gate"):  # the champion's served mAP per dataset after each gate decision
+        suites.setdefault(f"{r['dataset']} (champion)", []).append((r["ts"], r["served"]))
     h = health or {}
     live = (f"<b>model</b> {html.escape(str(h.get('model')))} &nbsp; <b>index</b> {html.escape(str(h.get('index')))}"
             f" &nbsp; <b>dataset</b> {html.escape(str(h.get('dataset')))} &nbsp; <b>images</b> {h.get('images')}"
@@ -111,7 +114,9 @@ def render(store: MonitorStore, health: dict | None = None, metrics: dict | None
         svg_plot("Retrieval quality over time (canary), per model version", quality, "score", "plot-quality", (0, 1)),
         svg_plot("Latency percentiles (canary, ms)", latency, "ms", "plot-latency", _from_zero(latency)),
         svg_plot("Query drift vs the index", drift_s, "score", "plot-drift", _from_zero(drift_s)),
-        svg_plot("ANN recall vs exact search", ann_s, "recall", "plot-ann", (0, 1))])
+        svg_plot("ANN recall vs exact search", ann_s, "recall", "plot-ann", (0, 1)),
+        svg_plot("Served mAP per dataset and golden suite (promotion gate), champion after each decision",
+                 suites, "mAP", "plot-suites", (0, 1))])
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
 <title>ilr monitoring</title><style>
 body{{font-family:system-ui,sans-serif;margin:20px;color:#222}} h1{{font-size:20px}} .live{{margin:8px 0 14px}}

@@ -16,6 +16,9 @@ _TABLES = {
              "index_top1_sim REAL",
     "ann": "ts REAL, idx TEXT, recall REAL, k INTEGER, queries INTEGER",
     "events": "ts REAL, kind TEXT, reason TEXT, detail TEXT",
+    # one row per dataset per gate decision: the champion after it, and what the challenger scored
+    "gate": "ts REAL, dataset TEXT, champion TEXT, served REAL, global_map REAL, challenger TEXT, "
+            "challenger_served REAL, decision TEXT",
 }
 _lock = threading.Lock()  # one writer at a time (SQLite "database is locked" under concurrency)
 

@@ -168,6 +168,7 @@ def test_retrain_triggers_and_dashboard(clone):
         assert f'id="{plot}"' in dom, plot
     points = {m.group(1): int(m.group(2)) for m in re.finditer(r'id="(plot-[a-z]+)" data-points="(\d+)"', dom)}
     assert points["plot-quality"] >= 2 and points["plot-latency"] >= 3 and points["plot-ann"] >= 1, points
+    assert points["plot-suites"] >= 2, points  # the gate's scores on the target and the real-photos suite
     assert dom.count("<polyline") >= 4
 
     # a deliberately broken index (random weights) -> the monitor sees the quality drop -> retrain fires

@@ -34,10 +34,16 @@ def test_store_and_dashboard_render(tmp_path):
                   query_top1_sim=0.8, index_top1_sim=0.7)
         store.add("ann", ts=t + i, idx="c", recall=0.99, k=100, queries=100)
     store.add("events", kind="ilr.quality.dropped", reason="mAP <b>low</b>", detail={"x": 1})
+    for i, (champion, served) in enumerate([("1", 0.98), ("2", 0.99)]):
+        for dataset in ("synthetic-small@v1", "real-photos@v1"):
+            store.add("gate", ts=t + i, dataset=dataset, champion=champion, served=served, global_map=0.9,
+                      challenger="2", challenger_served=0.99, decision="promoted" if i else "rejected")
     html = render(store, {"status": "ok", "model": "models:/ilr-delg/2", "index": "c", "dataset": "d@v1",
                           "images": 20, "champion": "models:/ilr-delg/2"}, {"search 200": 12})
     points = dict(re.findall(r'id="(plot-[a-z]+)" data-points="(\d+)"', html))
-    assert points == {"plot-quality": "6", "plot-latency": "9", "plot-drift": "6", "plot-ann": "3"}
-    assert html.count("<polyline") == 4 + 3 + 2 + 1  # quality: mAP + recall per model version
+    assert points == {"plot-quality": "6", "plot-latency": "9", "plot-drift": "6", "plot-ann": "3",
+                      "plot-suites": "4"}
+    assert html.count("<polyline") == 4 + 3 + 2 + 1 + 2  # quality: mAP + recall per model version; a line per suite
+    assert "real-photos@v1 (champion)" in html
     assert "mAP &lt;b&gt;low&lt;/b&gt;" in html  # escaped
     assert "no data yet" in svg_plot("t", {}, "y", "p")
