@@ -85,14 +85,17 @@ def _read_params(path: str, mtime_ns: int) -> dict:
     return doc
 
 
+def params_doc() -> dict:
+    """The whole params file ({} when absent), read once per change of the file."""
+    path = params_path()
+    return _read_params(str(path), path.stat().st_mtime_ns) if path.exists() else {}
+
+
 def params(section: str) -> dict:
     """One raw section of the params file ({} when absent). Prefer from_params(): it types and checks it."""
-    path = params_path()
-    if not path.exists():
-        return {}
-    value = _read_params(str(path), path.stat().st_mtime_ns).get(section) or {}
+    value = params_doc().get(section) or {}
     if not isinstance(value, dict):
-        raise IlrError(f"section {section!r} must be a mapping", where=str(path))
+        raise IlrError(f"section {section!r} must be a mapping", where=str(params_path()))
     return dict(value)
 
 

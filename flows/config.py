@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.config import DataConfig, SyntheticConfig, from_params, params_path
+from data.config import DataConfig, SyntheticConfig, from_params, params_doc, params_path
 from data.errors import IlrError
 
 
@@ -42,19 +42,13 @@ def sections() -> dict[str, type]:
 
 def check_params() -> None:
     """Load every section once, so a typo or a stale key fails at start with its name, not silently later."""
-    import yaml
-
-    path = params_path()
-    if not path.exists():
-        return
     known = sections()
-    doc = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(doc) - set(known)) if isinstance(doc, dict) else []
+    unknown = sorted(set(params_doc()) - set(known))
     if unknown:
-        raise IlrError(f"unknown section(s) {', '.join(unknown)}", where=str(path),
+        raise IlrError(f"unknown section(s) {', '.join(unknown)}", where=str(params_path()),
                        hint=f"known: {', '.join(sorted(known))}")
     for name, cls in known.items():
         try:
             from_params(cls, name)
         except TypeError as e:
-            raise IlrError(f"section {name!r}: {e}", where=str(path)) from None
+            raise IlrError(f"section {name!r}: {e}", where=str(params_path())) from None

@@ -71,25 +71,25 @@ def _setting(ecfg: ExtractConfig, rcfg: RerankConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def score(version: str, dataset: str, ecfg: ExtractConfig, rcfg: RerankConfig, log_fn=print) -> SuiteScores:
-    """Served and global mAP of registered `version` on `dataset` (cached per dataset version and setting)."""
+def score(version: str, ref: str, ecfg: ExtractConfig, rcfg: RerankConfig, log_fn=print) -> SuiteScores:
+    """Served and global mAP of registered `version` on the dataset version `ref` (NAME@vN, resolved by the
+    caller), cached per dataset version and setting."""
     from models.evaluate import evaluate
 
-    ref = dataset_dir(dataset)[0]
-    cache = ilr_home() / "gate-cache" / f"{registry.model_name()}-v{version}-{ref.name}-{ref.version}-{_setting(ecfg, rcfg)}.json"
+    cache = ilr_home() / "gate-cache" / f"{registry.model_name()}-v{version}-{ref.replace('@', '-')}-{_setting(ecfg, rcfg)}.json"
     if cache.exists():
         s = json.loads(cache.read_text())
-        log_fn(f"gate: v{version} on {ref.ref}: served mAP {s['served']:.4f}, global {s['global_']:.4f} (measured before)")
+        log_fn(f"gate: v{version} on {ref}: served mAP {s['served']:.4f}, global {s['global_']:.4f} (measured before)")
         return SuiteScores(**s)
     model, mref = registry.load(version)
-    ev = evaluate(ref.ref, rerank=True, ecfg=ecfg, rcfg=rcfg, model=model, model_name=mref, log_mlflow=False,
+    ev = evaluate(ref, rerank=True, ecfg=ecfg, rcfg=rcfg, model=model, model_name=mref, log_mlflow=False,
                   log_fn=log_fn)
     headline = {"revisited": "medium", "gldv2": "map_at_100"}.get(ev.summary["protocol"], "map")
     aps = [float(x) for x in ev.per_query["ap"].fillna(0.0)]
-    s = SuiteScores(ref.ref, float(ev.summary[f"rerank_{headline}"]), float(ev.summary[f"global_{headline}"]), aps)
+    s = SuiteScores(ref, float(ev.summary[f"rerank_{headline}"]), float(ev.summary[f"global_{headline}"]), aps)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(asdict(s)))
-    log_fn(f"gate: v{version} on {ref.ref}: served mAP {s.served:.4f}, global {s.global_:.4f}")
+    log_fn(f"gate: v{version} on {ref}: served mAP {s.served:.4f}, global {s.global_:.4f}")
     return s
 
 

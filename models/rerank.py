@@ -162,8 +162,5 @@ class Reranker:
         """Re-order candidates (already the global top-K, best first) by ranking_score()."""
         inl = self.inliers(q_kp, q_desc, candidates)
         cos = np.asarray(global_scores, np.float64)
-        if self.cfg.score == "inliers_first":
-            order = np.lexsort((-cos, -inl))
-        else:
-            order = np.argsort(-ranking_score(inl, cos, self.cfg), kind="stable")
-        return Reranked(order, inl, ranking_score(inl, cos, self.cfg), recognition_score(inl, cos))
+        score = ranking_score(inl, cos, self.cfg)
+        return Reranked(np.argsort(-score, kind="stable"), inl, score, recognition_score(inl, cos))
