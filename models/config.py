@@ -96,6 +96,14 @@ class RerankConfig:
                                               # inliers_first: DELG's order by (inliers, cos)
     inlier_weight: float = 0.5                # geometric evidence vs global similarity in the fused score
     inlier_cap: int = 70                      # inliers beyond this add nothing (DELG's recognition cap)
+    inlier_floor: int = 8                     # inliers up to this add nothing: the chance level of an affine
+                                              # RANSAC on unrelated real photos (their 99th percentile, 8-9)
+    refine: str = "superglobal"               # global similarities of the top-K refined before fusion:
+                                              # superglobal (neighbours among the top-K + query expansion),
+                                              # aqe (alpha query expansion) or none
+    refine_k: int = 2                         # superglobal: a candidate and its nearest other candidate;
+                                              # aqe: the top refine_k results expand the query
+    aqe_alpha: float = 3.0                    # aqe: weight of a result = max(cos, 0) ** alpha
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 2))
 
 

@@ -63,15 +63,17 @@ def rank(q_global: np.ndarray, db_global: np.ndarray, exclude_self: np.ndarray |
 
 
 def rerank_orders(orders: np.ndarray, sims: np.ndarray, q_local, db_local, reranker: Reranker,
-                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Re-order each query's top-K with the re-ranker's score; returns (orders, inliers of the new top-K,
-    DELG recognition scores of the new top-K)."""
+                  progress: Callable[[int], None] | None = None, q_global: np.ndarray | None = None,
+                  db_global: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-order each query's top-K with the re-ranker's score (global descriptors given: refined first, as
+    the service does); returns (orders, inliers of the new top-K, DELG recognition scores of the new top-K)."""
     k = min(reranker.cfg.top_k, orders.shape[1])
     new, inl_out, score_out = orders.copy(), np.zeros((len(orders), k), np.int64), np.zeros((len(orders), k))
     for qi in range(len(orders)):
         top = orders[qi, :k]
         top = top[np.isfinite(sims[qi, top])]  # leave-one-out: the query itself is not a candidate
-        r = reranker.rerank(q_local[qi][0], q_local[qi][1], [db_local[j] for j in top], sims[qi, top])
+        r = reranker.rerank(q_local[qi][0], q_local[qi][1], [db_local[j] for j in top], sims[qi, top],
+                            *((q_global[qi], db_global[top]) if q_global is not None else ()))
         new[qi, :len(top)] = top[r.order]
         inl_out[qi, :len(top)] = r.inliers[r.order]
         score_out[qi, :len(top)] = r.recognition[r.order]
@@ -157,7 +159,7 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
     if rerank:
         t1 = time.perf_counter()
         final, inliers, rec = rerank_orders(orders, sims, _local(q_feats, compact), _local(idx_feats, compact),
-                                            Reranker(rcfg))
+                                            Reranker(rcfg), q_global=q_g, db_global=db_g)
         summary["rerank_s_per_query"] = (time.perf_counter() - t1) / len(queries)
         rr = score(final)
         summary.update({f"rerank_{k}": v for k, v in rr.items() if k != "aps"})

@@ -1,14 +1,19 @@
-"""Geometric re-ranking with local features: putative matches, then RANSAC (affine) per candidate.
+"""Re-ranking of the global top-K: global refinement, then geometric verification with local features.
 
-Putative matches are mutual nearest neighbours within `max_distance` (vectorised: one matrix product per
-chunk of candidates). RANSAC is OpenCV's (USAC MAGSAC++ by default, or classic RANSAC) with an affine model,
-run for the candidates in parallel threads (OpenCV releases the GIL).
-
-The top-K global results are re-ordered by a fused score, cos + w * min(inliers, cap) / cap (w = 0.5,
-cap = 70 by default), so that geometric evidence adds to the global similarity instead of overriding
-it: DELG's order by (inliers, cos) lets a textured negative with a few dozen spurious inliers jump over
-a true match seen from far apart, and lowered mAP on real photos (BENCHMARKS.md). `rerank.score:
-inliers_first` restores DELG's order. Recognition confidences stay DELG's min(70, inliers)/70 + 0.25 cos.
+1. Global refinement (`rerank.refine`, default superglobal): the candidates' stored global descriptors
+   refine their similarity to the query, in the style of SuperGlobal (Shao et al., ICCV 2023): each
+   candidate is averaged with its nearest other candidate among the top-K, the query is expanded with
+   the top results, and the refined similarity is the mean of the two (unweighted means here). `aqe`
+   is alpha query expansion instead. Cheap: a [K x K] product per query.
+2. Geometric verification: putative matches are mutual nearest neighbours within `max_distance` with
+   Lowe's ratio test (vectorised: one matrix product per chunk of candidates); RANSAC is OpenCV's (USAC
+   MAGSAC++ by default, or classic RANSAC) with an affine model, for the candidates in parallel threads.
+3. Fused score: refined similarity + w * clip(inliers - floor, 0, cap - floor) / (cap - floor), w = 0.5,
+   floor = 8, cap = 70: geometric evidence adds to the global similarity instead of overriding it, and
+   inliers at the chance level of unrelated real photos add nothing. DELG's order by (inliers, cos) let a
+   textured negative with a few dozen spurious inliers jump over a true match seen from far apart and
+   lowered mAP on real photos (BENCHMARKS.md); `rerank.score: inliers_first` restores it. Recognition
+   confidences stay DELG's min(70, inliers)/70 + 0.25 cos (plain cosine).
 """
 from __future__ import annotations
 
@@ -58,16 +63,47 @@ def recognition_score(inliers: np.ndarray, cosine: np.ndarray) -> np.ndarray:
     return np.minimum(70, inliers) / 70.0 + 0.25 * cosine
 
 
-def fused_score(inliers: np.ndarray, cosine: np.ndarray, weight: float = 0.5, cap: int = 70) -> np.ndarray:
-    """Global similarity plus bounded geometric evidence: cos + weight * min(inliers, cap) / cap."""
-    return np.asarray(cosine, np.float64) + weight * np.minimum(cap, inliers) / float(cap)
+def fused_score(inliers: np.ndarray, similarity: np.ndarray, weight: float = 0.5, cap: int = 70,
+                floor: int = 0) -> np.ndarray:
+    """Global similarity plus bounded geometric evidence beyond the chance level:
+    sim + weight * clip(inliers - floor, 0, cap - floor) / (cap - floor)."""
+    span = float(max(1, cap - floor))
+    return np.asarray(similarity, np.float64) + weight * np.clip(np.asarray(inliers) - floor, 0, span) / span
 
 
-def ranking_score(inliers: np.ndarray, cosine: np.ndarray, cfg: RerankConfig) -> np.ndarray:
-    """What re-ranking sorts by (ties keep the global order). inliers_first: DELG's (inliers, cos) order,
-    as a score that sorts the same way."""
+def refined_similarity(q_global: np.ndarray, cand_global: np.ndarray, cosine: np.ndarray,
+                       cfg: RerankConfig) -> np.ndarray:
+    """Similarity of the query to each of its top-K candidates (best first), refined with the candidates'
+    own global descriptors (cfg.refine: superglobal | aqe | none). q_global [D], cand_global [K x D]
+    unit vectors (a zero row for a candidate deleted meanwhile), cosine [K] -> [K]."""
+    cos = np.asarray(cosine, np.float64)
+    if cfg.refine == "none" or len(cos) < 2:
+        return cos
+    q = np.asarray(q_global, np.float64)
+    c = np.asarray(cand_global, np.float64)
+    k = max(1, min(cfg.refine_k, len(c)))
+    if cfg.refine == "aqe":
+        w = np.clip(cos[:k], 0, None) ** cfg.aqe_alpha
+        return c @ _unit(q + w @ c[:k])
+    if cfg.refine == "superglobal":
+        near = np.argsort(-(c @ c.T), axis=1, kind="stable")[:, :k]   # itself first, then its neighbours
+        refined = np.stack([_unit(v) for v in c[near].mean(axis=1)])
+        return (refined @ q + c @ _unit(q + c[:k].sum(axis=0))) / 2
+    raise ValueError(f"unknown rerank.refine {cfg.refine!r}: superglobal | aqe | none")
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def ranking_score(inliers: np.ndarray, cosine: np.ndarray, cfg: RerankConfig,
+                  similarity: np.ndarray | None = None) -> np.ndarray:
+    """What re-ranking sorts by (ties keep the global order). fused: the (refined) similarity plus the
+    geometric evidence; inliers_first: DELG's (inliers, cos) order, as a score that sorts the same way."""
     if cfg.score == "fused":
-        return fused_score(inliers, cosine, cfg.inlier_weight, cfg.inlier_cap)
+        return fused_score(inliers, cosine if similarity is None else similarity, cfg.inlier_weight,
+                           cfg.inlier_cap, cfg.inlier_floor)
     if cfg.score == "inliers_first":
         return np.asarray(inliers, np.float64) + np.clip(cosine, -1, 1) * 0.25  # cos in [-1, 1]: never flips inliers
     raise ValueError(f"unknown rerank.score {cfg.score!r}: fused | inliers_first")
@@ -158,9 +194,12 @@ class Reranker:
                               zip(candidates, matches))
         return np.fromiter(jobs, dtype=np.int64, count=len(candidates))
 
-    def rerank(self, q_kp, q_desc, candidates, global_scores: np.ndarray) -> Reranked:
-        """Re-order candidates (already the global top-K, best first) by ranking_score()."""
+    def rerank(self, q_kp, q_desc, candidates, global_scores: np.ndarray, q_global: np.ndarray | None = None,
+               cand_global: np.ndarray | None = None) -> Reranked:
+        """Re-order candidates (already the global top-K, best first) by ranking_score(); with the query's
+        and the candidates' global descriptors, their similarities are refined first (cfg.refine)."""
         inl = self.inliers(q_kp, q_desc, candidates)
         cos = np.asarray(global_scores, np.float64)
-        score = ranking_score(inl, cos, self.cfg)
+        sim = cos if q_global is None or cand_global is None else refined_similarity(q_global, cand_global, cos, self.cfg)
+        score = ranking_score(inl, cos, self.cfg, sim)
         return Reranked(np.argsort(-score, kind="stable"), inl, score, recognition_score(inl, cos))

@@ -197,8 +197,10 @@ class RerankerWorker:
         empty = (np.zeros((0, 2), np.uint16), np.zeros((0, store.dim or 1), np.int8), None)
         # an image deleted since the search stays in the list, with no inliers
         cands = [c if c is not None else empty for c in store.get_many([h["image_id"] for h in hits])]
+        refine = self.reranker.cfg.refine != "none" and store.global_dim is not None
         r = self.reranker.rerank(q["keypoints"], q["descriptors"], cands,
-                                 np.array([h["score"] for h in hits], np.float32))
+                                 np.array([h["score"] for h in hits], np.float32),
+                                 *((q["global"], store.global_many([h["image_id"] for h in hits])) if refine else ()))
         return {"hits": [{**hits[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i]),
                           "recognition": float(r.recognition[i])} for i in r.order],
                 "compute_ms": (time.perf_counter() - t) * 1000}

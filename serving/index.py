@@ -184,6 +184,23 @@ class LocalFeatureStore:
                         np.asarray(descs[doff:doff + self.dim * n]).reshape(n, self.dim), (int(w), int(h))))
         return out
 
+    def global_many(self, image_ids: Sequence[str]) -> np.ndarray:
+        """[N x D] float32 global descriptors of many images, in order; a zero row for an id that is not
+        stored (the re-ranker's global refinement reads them for the top-K)."""
+        ids = list(image_ids)
+        rows: dict[str, int] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            rows.update(self._db.execute(f"SELECT image_id, row FROM features WHERE deleted = 0 AND image_id IN "
+                                         f"({','.join('?' * len(part))})", part).fetchall())
+        out = np.zeros((len(ids), self.global_dim or 0), np.float32)
+        if rows:
+            mat = self._map("global.f32", np.float32).reshape(-1, self.global_dim)
+            for i, image_id in enumerate(ids):
+                if image_id in rows:
+                    out[i] = mat[rows[image_id]]
+        return out
+
     def global_vectors(self) -> tuple[list[str], np.ndarray]:
         """(image_ids, [N x D] float32) of the live images, for exact search."""
         rows = self._db.execute("SELECT image_id, row FROM features WHERE deleted = 0 ORDER BY row").fetchall()

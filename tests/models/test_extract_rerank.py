@@ -7,7 +7,7 @@ from models.config import ExtractConfig, RerankConfig
 from models.delg import DELG
 from models.config import ModelConfig
 from models.extract import Extractor, Features, bucket_size, pack_local, unpack_local
-from models.rerank import Reranker, mutual_matches, recognition_score, verify
+from models.rerank import ranking_score, Reranker, mutual_matches, recognition_score, verify
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,53 @@ def test_fused_score_weighs_geometry_against_global_similarity():
     true = (kp * 1.1 + 5, desc)
     r = Reranker(RerankConfig(workers=2)).rerank(kp, desc, [_scene(seed=3), true], np.array([0.9, 0.6]))
     assert r.order[0] == 1 and r.scores[1] == pytest.approx(0.6 + 0.5 * min(70, r.inliers[1]) / 70)
+
+
+def test_inliers_at_chance_level_add_nothing():
+    from models.rerank import fused_score
+
+    cfg = RerankConfig()
+    assert cfg.inlier_floor == 8
+    # 6 chance inliers on a look-alike do not lift it over a true match whose RANSAC found nothing
+    cos, inl = np.array([0.93, 0.91]), np.array([0, 6])
+    assert np.argmax(ranking_score(inl, cos, cfg)) == 0
+    assert np.argmax(ranking_score(inl, cos, RerankConfig(inlier_floor=0))) == 1
+    assert fused_score(np.array([8, 39, 70, 500]), np.zeros(4), floor=8).tolist() == pytest.approx([0, 0.25, 0.5, 0.5])
+
+
+def _unit_rows(a):
+    a = np.asarray(a, np.float64)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_superglobal_refinement_lifts_a_candidate_close_to_the_other_matches():
+    from models.rerank import refined_similarity
+
+    rng = np.random.default_rng(0)
+    inst, other = rng.normal(size=64), rng.normal(size=64)
+    q = _unit_rows([inst + 0.9 * rng.normal(size=64)])[0]
+    # candidates: two views of the instance, a look-alike, a third view far from the query but close to the
+    # other views
+    cands = _unit_rows([inst + 0.5 * rng.normal(size=64), inst + 0.5 * rng.normal(size=64),
+                        0.6 * inst + other, inst + 0.3 * rng.normal(size=64) + 0.8 * other])
+    cos = cands @ q
+    order = np.argsort(-cos)
+    cands, cos = cands[order], cos[order]
+    cfg = RerankConfig(refine="superglobal", refine_k=2)
+    sim = refined_similarity(q, cands, cos, cfg)
+    assert sim.shape == cos.shape and np.all(np.abs(sim) <= 1 + 1e-9)
+    assert np.array_equal(refined_similarity(q, cands, cos, RerankConfig(refine="none")), cos)
+    views = [i for i, o in enumerate(order) if o != 2]
+    lookalike = int(np.flatnonzero(order == 2)[0])
+    # every view of the instance ends above the look-alike after refinement
+    assert all(sim[v] > sim[lookalike] for v in views)
+    aqe = refined_similarity(q, cands, cos, RerankConfig(refine="aqe", refine_k=2))
+    assert aqe.shape == cos.shape
+    # a deleted candidate (zero row) gets no similarity from its own descriptor and does not break the rest
+    cands[1] = 0
+    assert np.all(np.isfinite(refined_similarity(q, cands, cos, cfg)))
+    with pytest.raises(ValueError, match="refine"):
+        refined_similarity(q, cands, cos, RerankConfig(refine="diffusion"))
 
 
 def test_batched_matching_equals_pairwise():

@@ -35,6 +35,10 @@ def test_local_store_roundtrip_and_delete(tmp_path):
     assert store.delete("img1") and "img1" not in store and store.ids() == ["img0", "img2"]
     ids, vecs = store.global_vectors()
     assert ids == ["img0", "img2"] and vecs.shape == (2, 8)
+    # the re-ranker's global refinement reads the candidates' vectors in order; zeros for a deleted one
+    g = store.global_many(["img2", "img1", "nope", "img0"])
+    assert g.shape == (4, 8) and np.array_equal(g[0], feats["img2"].global_desc) and not g[1:3].any()
+    assert np.array_equal(g[3], feats["img0"].global_desc)
     reopened = LocalFeatureStore(tmp_path / "s")
     assert reopened.dim == 16 and reopened.ids() == ["img0", "img2"]
     with pytest.raises(KeyError):
