@@ -13,6 +13,9 @@ class ModelConfig:
     pretrained: bool = True
     dim: int = 512                            # global descriptor size D (paper: 2048 on ResNet)
     local_dim: int = 0                        # autoencoder size; 0 = 128, or 64 when the stage has < 256 channels
+    local_descriptors: str = "learned"        # learned: the autoencoder's code (DELG); backbone: the stage's own
+                                              # features, L2-normalised (as off the shelf), the learned attention
+                                              # still selects them
     attention_hidden: int = 0                 # 0 = 512, or 256 when the stage has < 256 channels
     gem_p: float = 3.0
     arcface_margin: float = 0.1
@@ -44,6 +47,10 @@ class TrainConfig:
     backbone_lr_mult: float = 0.1
     freeze_blocks: int = 3                    # backbone children frozen from the input side (stem counts)
     freeze_bn: bool = True
+    whiten_init: str = "random"               # random: PyTorch's default initialisation; identity: the whitening
+                                              # layer starts as the off-the-shelf GeM descriptor (zero-padded to
+                                              # model.dim): better on pkg-photos, worse on realdev and synthetic
+                                              # after 60 steps (BENCHMARKS.md)
     image_size: int = 224
     crop_scale_min: float = 0.35
     color_jitter: float = 0.2

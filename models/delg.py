@@ -123,10 +123,13 @@ class DELG(nn.Module):
         """[B x C4 x h x w] -> (attention [B x h x w], L2-normalised descriptors [B x d x h x w]).
 
         Off the shelf (untrained heads): attention = feature norm, descriptors = the stage itself (DELF's
-        pre-attention baseline)."""
+        pre-attention baseline). Trained with `local_descriptors: backbone`: the learned attention, the
+        stage itself as descriptors."""
         if self.off_the_shelf:
             return local_map.norm(dim=1), F.normalize(local_map, dim=1)
         attn = self.attention(local_map).squeeze(1)
+        if self.cfg.local_descriptors == "backbone":
+            return attn, F.normalize(local_map, dim=1)
         return attn, F.normalize(self.autoencoder.encode(local_map), dim=1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

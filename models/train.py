@@ -66,6 +66,19 @@ def _freeze(model: DELG, tcfg: TrainConfig) -> str:
     return ", ".join(names)
 
 
+def _init_whitening(model: DELG, tcfg: TrainConfig) -> None:
+    """whiten_init identity: whiten(GeM) starts equal to the off-the-shelf descriptor (an identity on the
+    first min(D, C5) channels, zero elsewhere)."""
+    if tcfg.whiten_init == "random":
+        return
+    if tcfg.whiten_init != "identity":
+        raise IlrError(f"unknown train.whiten_init {tcfg.whiten_init!r}: identity | random")
+    with torch.no_grad():
+        w = model.whiten.weight
+        w.copy_(torch.eye(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device))
+        model.whiten.bias.zero_()
+
+
 def _train_mode(model: DELG, tcfg: TrainConfig) -> None:
     """model.train(), except the backbone's BatchNorm layers when their statistics are kept."""
     model.train()
@@ -126,6 +139,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
     seed_everything(tcfg.seed)
     device = resolve_device(tcfg.device)
     model = DELG(mcfg, num_classes=len(classes), class_counts=counts).to(device)
+    _init_whitening(model, tcfg)
     _train_mode(model, tcfg)
     kw = dict(mean=model.cfg.mean, std=model.cfg.std, workers=tcfg.workers)
     train_set = ImageSet(folder, train_rows, y_train, tcfg.image_size, train=True,

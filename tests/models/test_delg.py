@@ -83,3 +83,29 @@ def test_inference_shapes(model):
     assert torch.allclose(g.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert (attn >= 0).all() and torch.allclose(desc.norm(dim=1), torch.ones(2, 8, 6), atol=1e-5)
     assert "arcface.weight" not in model.inference_state()
+
+
+def test_training_starts_from_the_off_the_shelf_descriptor_and_can_keep_backbone_local_features():
+    import dataclasses
+
+    from models.config import TrainConfig
+    from models.train import _init_whitening
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="tf_efficientnet_lite0", dim=512)
+    trained = DELG(cfg, num_classes=3).eval()
+    ots = DELG(cfg, off_the_shelf=True).eval()
+    ots.load_state_dict(trained.state_dict(), strict=False)
+    x = torch.randn(2, 3, 96, 96)
+    _init_whitening(trained, TrainConfig(whiten_init="identity"))
+    with torch.no_grad():
+        g_trained, _, local_learned = trained(x)
+        g_ots, _, local_ots = ots(x)
+    # whiten(GeM) starts as the GeM descriptor, zero-padded from C5 to D
+    assert g_trained.shape == (2, 512) and torch.allclose(g_trained[:, :g_ots.shape[1]], g_ots, atol=1e-5)
+    assert torch.count_nonzero(g_trained[:, g_ots.shape[1]:]) == 0
+    assert local_learned.shape[1] == trained.local_dim
+    trained.cfg = dataclasses.replace(trained.cfg, local_descriptors="backbone")
+    with torch.no_grad():
+        _, _, local_backbone = trained(x)
+    assert torch.allclose(local_backbone, local_ots, atol=1e-5)  # the stage itself, as off the shelf
