@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--suites", nargs="+", default=["realdev", "pkg-photos"])
     ap.add_argument("--model", nargs="+", default=["off-the-shelf"])
     ap.add_argument("--backbone", nargs="+", default=[None], help="off-the-shelf backbone(s)")
+    ap.add_argument("--gem-p", type=float, nargs="+", default=[None], help="off-the-shelf GeM power(s)")
+    ap.add_argument("--scales", nargs="+", default=[None], help="extraction scales, comma-separated (e.g. 1.0 "
+                    "or 0.7071,1.0,1.4142)")
     ap.add_argument("--max-side", type=int, nargs="+", default=[None])
     ap.add_argument("--features", type=int, nargs="+", default=[None])
     ap.add_argument("--top-k", type=int, default=None)
@@ -177,26 +180,28 @@ def main() -> None:
     print(f"{'suite':15s} {'model':24s} {'side':>4s} {'feat':>4s} {'ratio':>5s} {'score':20s} {'mAP':>7s} "
           f"{'junk':>7s} {'ext ms':>7s} {'rr ms':>6s}")
     for model_ref in args.model:
-        for backbone in args.backbone:
+        for backbone, gem_p in [(b, p) for b in args.backbone for p in args.gem_p]:
             if model_ref == "off-the-shelf":
-                model = artifacts.off_the_shelf(model_config(**({"backbone": backbone} if backbone else {})))
-                name = f"ots {model.cfg.backbone.replace('tf_efficientnet_', '')}"
+                model = artifacts.off_the_shelf(model_config(**{k: v for k, v in {"backbone": backbone,
+                                                                                  "gem_p": gem_p}.items() if v}))
+                name = f"ots {model.cfg.backbone.replace('tf_efficientnet_', '')} p{model.cfg.gem_p:g}"
             else:
                 model, name = registry.resolve(model_ref)
                 name = name[-24:]
-            for side in args.max_side:
-                for n in args.features:
-                    ecfg = extract_config(**{k: v for k, v in {"max_side_px": side, "max_local_features": n}.items() if v})
-                    for suite, (paths, labels, *queries) in suites.items():
-                        for ratio in args.ratio:
-                            rcfg = rerank_config(**{k: v for k, v in {"top_k": args.top_k, "ratio": ratio}.items() if v})
-                            r = evaluate_suite(paths, labels, model, ecfg, rcfg, SCORES, *queries,
-                                               also_shows=REALDEV_ALSO_SHOWS if suite == "realdev" else None)
-                            for score in ["global", *SCORES]:
-                                junk = f"{r[score + ' junk']:7.4f}" if score + " junk" in r else f"{'':7s}"
-                                print(f"{suite:15s} {name:24s} {ecfg.max_side_px:4d} {ecfg.local_count('cpu'):4d} "
-                                      f"{rcfg.ratio:5.2f} {score:20s} {r[score]:7.4f} {junk} "
-                                      f"{r['extract_ms']:7.0f} {r['rerank_ms']:6.0f}", flush=True)
+            for side, n, scales in [(a, b, c) for a in args.max_side for b in args.features for c in args.scales]:
+                ecfg = extract_config(**{k: v for k, v in {"max_side_px": side, "max_local_features": n}.items() if v},
+                                      **({"scales": tuple(float(x) for x in scales.split(","))} if scales else {}))
+                name_s = name + (f" s{scales}" if scales else "")
+                for suite, (paths, labels, *queries) in suites.items():
+                    for ratio in args.ratio:
+                        rcfg = rerank_config(**{k: v for k, v in {"top_k": args.top_k, "ratio": ratio}.items() if v})
+                        r = evaluate_suite(paths, labels, model, ecfg, rcfg, SCORES, *queries,
+                                           also_shows=REALDEV_ALSO_SHOWS if suite == "realdev" else None)
+                        for score in ["global", *SCORES]:
+                            junk = f"{r[score + ' junk']:7.4f}" if score + " junk" in r else f"{'':7s}"
+                            print(f"{suite:15s} {name_s:24s} {ecfg.max_side_px:4d} {ecfg.local_count('cpu'):4d} "
+                                  f"{rcfg.ratio:5.2f} {score:20s} {r[score]:7.4f} {junk} "
+                                  f"{r['extract_ms']:7.0f} {r['rerank_ms']:6.0f}", flush=True)
 
 
 if __name__ == "__main__":
