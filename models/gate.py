@@ -93,6 +93,14 @@ def score(version: str, ref: str, ecfg: ExtractConfig, rcfg: RerankConfig, log_f
     return s
 
 
+def suite_refs(cfg: GateConfig, log_fn=print) -> list[str]:
+    """The golden suites as dataset versions (the built-in real-photos suite is versioned on first use)."""
+    from data.photos import SUITE_NAME, ensure_suite
+
+    return list(dict.fromkeys(ensure_suite(log_fn) if s == SUITE_NAME else dataset_dir(s)[0].ref
+                              for s in cfg.suites))
+
+
 def gate(dataset: str, cfg: GateConfig | None = None, ecfg: ExtractConfig | None = None,
          rcfg: RerankConfig | None = None, log_fn=print) -> GateDecision:
     """Decide on the challenger (see the module docstring); promote it when it passes."""
@@ -107,11 +115,8 @@ def gate(dataset: str, cfg: GateConfig | None = None, ecfg: ExtractConfig | None
         reason = f"challenger v{challenger} is the champion already"
         log_fn(f"gate: {reason}")
         return GateDecision(False, challenger, champion, float("nan"), float("nan"), cfg.margin, reason, "")
-    from data.photos import SUITE_NAME, ensure_suite
-
     target = dataset_dir(dataset)[0].ref
-    refs = [ensure_suite(log_fn) if s == SUITE_NAME else dataset_dir(s)[0].ref for s in cfg.suites]
-    suites = [r for r in dict.fromkeys(refs) if r != target]
+    suites = [r for r in suite_refs(cfg, log_fn) if r != target]
     tracking.setup("ilr-gate")
     with mlflow.start_run(run_name=f"gate v{challenger} vs v{champion} on {target}") as run:
         new = {d: score(challenger, d, ecfg, rcfg, log_fn) for d in [target, *suites]}

@@ -112,6 +112,13 @@ def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
     return artifacts.load(model_dir(model_uri), device), model_uri
 
 
+def version_of(model_uri: str) -> str | None:
+    """The registered version behind `models:/NAME/V` of this registry's model, else None."""
+    prefix = f"models:/{model_name()}/"
+    rest = model_uri[len(prefix):] if model_uri.startswith(prefix) else ""
+    return rest if rest.isdigit() else None
+
+
 def tag(version: str, tags: dict) -> None:
     c = client()
     for k, v in tags.items():

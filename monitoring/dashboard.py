@@ -91,6 +91,8 @@ def render(store: MonitorStore, health: dict | None = None, metrics: dict | None
     suites: dict[str, list] = {}
     for r in store.rows("gate"):  # the champion's served mAP per dataset after each gate decision
         suites.setdefault(f"{r['dataset']} (champion)", []).append((r["ts"], r["served"]))
+    for r in store.rows("suites"):  # the live model on the golden suites, each monitoring pass
+        suites.setdefault(f"{r['dataset']} (live, monitor)", []).append((r["ts"], r["served"]))
     h = health or {}
     live = (f"<b>model</b> {html.escape(str(h.get('model')))} &nbsp; <b>index</b> {html.escape(str(h.get('index')))}"
             f" &nbsp; <b>dataset</b> {html.escape(str(h.get('dataset')))} &nbsp; <b>images</b> {h.get('images')}"
@@ -115,7 +117,8 @@ def render(store: MonitorStore, health: dict | None = None, metrics: dict | None
         svg_plot("Latency percentiles (canary, ms)", latency, "ms", "plot-latency", _from_zero(latency)),
         svg_plot("Query drift vs the index", drift_s, "score", "plot-drift", _from_zero(drift_s)),
         svg_plot("ANN recall vs exact search", ann_s, "recall", "plot-ann", (0, 1)),
-        svg_plot("Served mAP per dataset and golden suite (promotion gate), champion after each decision",
+        svg_plot("Served mAP per dataset and golden suite: the champion after each gate decision, the live model "
+                 "at each monitoring pass",
                  suites, "mAP", "plot-suites", (0, 1))])
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
 <title>ilr monitoring</title><style>

@@ -6,6 +6,10 @@
 - Drift: recent query descriptors (kept by the service) against a sample of the index: MMD^2 with an RBF
   kernel (median-distance bandwidth), centroid shift, and mean top-1 similarity of queries vs index.
 - ANN recall: Milvus search against exact search on a sample of the live collection's own vectors.
+- Golden suites: the live model's served and global mAP on each golden suite (gate.suites, real photos)
+  with the served settings, measured once per model version and setting (the gate's cache); a suite more
+  than gate.max_regression below the best served mAP the service had there is a quality drop (a champion
+  promoted past the gate, or a settings change that hurts real photos).
 """
 from __future__ import annotations
 
@@ -76,6 +80,30 @@ def canary(client, cfg: MonitorConfig | None = None, dataset: str | None = None)
                         float(gldv2_map_at_k(preds, solution, cfg.k)) if solution else 0.0,
                         float(np.mean(hits)) if hits else 0.0, float(np.mean(top1)) if top1 else 0.0, errors,
                         pct(50), pct(95), pct(99), {k: float(np.median(v)) for k, v in stages.items()})
+
+
+def suite_canary(model: str, store: MonitorStore, gcfg=None, ecfg=None, log_fn=print) -> list[str]:
+    """Score the live model (`models:/NAME/V`) on the golden suites, record the scores (table `suites`)
+    and return the quality-drop reasons. The reference per suite is the best served mAP recorded for it:
+    champions after gate decisions and earlier passes."""
+    from models import gate, registry
+    from models.config import extract_config, gate_config, rerank_config
+
+    gcfg, ecfg, rcfg = gcfg or gate_config(), ecfg or extract_config(), rerank_config()
+    version = registry.version_of(model)
+    if not gcfg.suites or version is None:
+        return []
+    best: dict[str, float] = {}
+    for r in store.rows("gate") + store.rows("suites"):
+        best[r["dataset"]] = max(best.get(r["dataset"], float("-inf")), r["served"])
+    reasons = []
+    for ref in gate.suite_refs(gcfg, log_fn):
+        s = gate.score(version, ref, ecfg, rcfg, log_fn)
+        store.add("suites", model=model, dataset=ref, served=s.served, global_map=s.global_)
+        if ref in best and s.served < best[ref] - gcfg.max_regression:
+            reasons.append(f"golden suite {ref}: served mAP {s.served:.4f} is more than {gcfg.max_regression} "
+                           f"below the best the service had ({best[ref]:.4f})")
+    return reasons
 
 
 def mmd_rbf(x: np.ndarray, y: np.ndarray) -> float:
@@ -168,6 +196,12 @@ def run(client, cfg: MonitorConfig | None = None, store: MonitorStore | None = N
         drifted = bool(np.isfinite(d["mmd"]) and d["mmd"] > cfg.max_drift_mmd)
         if recall < cfg.min_ann_recall:
             reasons.append(f"ANN recall {recall:.3f} < {cfg.min_ann_recall}")
+        if cfg.suites:
+            try:
+                reasons += suite_canary(c.model, store, log_fn=lambda *_: None)
+            except Exception as e:  # noqa: BLE001 - recorded and reported; the pass goes on
+                store.add("events", kind="monitor_error", reason=f"golden suites: {type(e).__name__}: {e}"[:500],
+                          detail={})
         report = MonitorReport(c, d, recall, bool(reasons), drifted, "; ".join(reasons))
         if report.quality_drop:
             store.add("events", kind="quality_drop", reason=report.reason, detail={"model": c.model, "index": c.index})

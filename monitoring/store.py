@@ -19,6 +19,7 @@ _TABLES = {
     # one row per dataset per gate decision: the champion after it, and what the challenger scored
     "gate": "ts REAL, dataset TEXT, champion TEXT, served REAL, global_map REAL, challenger TEXT, "
             "challenger_served REAL, decision TEXT",
+    "suites": "ts REAL, model TEXT, dataset TEXT, served REAL, global_map REAL",
 }
 _lock = threading.Lock()  # one writer at a time (SQLite "database is locked" under concurrency)
 

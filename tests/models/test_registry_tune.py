@@ -109,6 +109,25 @@ def test_gate_refuses_a_challenger_that_regresses_a_golden_suite(tiny_workspace,
     out = CliRunner().invoke(app, ["model", "list"])
     assert out.exit_code == 0 and "golden" in out.output, out.output
 
+    # the monitor's suite canary: the champion has a score on the suite; a champion promoted past the gate
+    # is seen as a quality drop that names the suite
+    from flows.lifecycle import record_gate
+    from monitoring.monitor import suite_canary
+    from monitoring.store import MonitorStore
+
+    record_gate(d)
+    store = MonitorStore()
+    try:
+        gcfg = GateConfig(suites=["golden"])
+        assert suite_canary(f"models:/{registry.model_name()}/{first}", store, gcfg, ECFG, log_fn=lambda *_: None) == []
+        registry.promote(bad)
+        reasons = suite_canary(f"models:/{registry.model_name()}/{bad}", store, gcfg, ECFG, log_fn=lambda *_: None)
+        assert len(reasons) == 1 and "golden suite golden@v1" in reasons[0], reasons
+        assert [r["model"].rsplit("/", 1)[1] for r in store.rows("suites")] == [first, bad]
+        assert suite_canary("off-the-shelf", store, gcfg, ECFG) == []  # not a registered version: not scored
+    finally:
+        store.close()
+
 
 # two learning rates far apart, so that ASHA has clearly worse trials to stop
 TUNE_SPACE = {"lr": ["grid_search", [0.00001, 0.05]], "arcface_margin": ["uniform", 0.05, 0.3],
