@@ -33,7 +33,7 @@ INFO = "dataset.json"
 COLUMNS = ["image_id", "path", "label", "split", "domain", "bbox", "source",
            "gt_easy", "gt_hard", "gt_junk", "gt_labels"]
 LIST_COLUMNS = ["gt_easy", "gt_hard", "gt_junk", "gt_labels"]
-PROTOCOLS = ("labels", "leave_one_out", "revisited", "gldv2")
+PROTOCOLS = ("labels", "leave_one_out", "revisited", "gldv2", "met", "sop")
 
 _SCHEMA = pa.schema([
     ("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()),

@@ -71,7 +71,9 @@ def _bbox_ok(bbox, w: int, h: int) -> bool:
     if len(bbox) != 4 or w == 0:
         return False
     x0, y0, x1, y1 = (float(v) for v in bbox)
-    return 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+    # well formed and overlapping the image (revisitop crops the stored pixels and pads what lies outside;
+    # w, h are as displayed, so an EXIF-rotated image's stored sides may be swapped)
+    return x0 < x1 and y0 < y1 and any(x0 < ww and y0 < hh and x1 > 0 and y1 > 0 for ww, hh in ((w, h), (h, w)))
 
 
 def nearest_hash(a: np.ndarray, b: np.ndarray, budget: int = 20_000_000) -> tuple[np.ndarray, np.ndarray]:

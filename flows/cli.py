@@ -110,11 +110,14 @@ def data_ingest(source: str = typer.Argument(..., help="dataset folder (or, for 
                 domain: Optional[str] = typer.Option(None, help="folder format: landmark|artwork|product|other"),
                 queries: Optional[Path] = typer.Option(None, help="folder format: file listing query images"),
                 seed: int = typer.Option(0, help="synthetic: generator seed"),
+                gnd: Optional[str] = typer.Option(None, help="roxford: which gnd_<NAME>.pkl, when the folder has several"),
+                mini: bool = typer.Option(False, help="met: the mini database (mini_MET_database.json)"),
                 link: bool = typer.Option(False, help="hard-link images into the store instead of copying")):
     """Read, validate (Great Expectations) and version (DVC) a dataset; prints NAME@VERSION."""
     from data.versioning import ingest
 
-    opts = {k: v for k, v in {"domain": domain, "queries": queries, "seed": seed}.items() if v is not None}
+    opts = {k: v for k, v in {"domain": domain, "queries": queries, "seed": seed, "gnd": gnd,
+                              "mini": mini or None}.items() if v is not None}
     try:
         t0 = time.perf_counter()
         version, report = ingest(fmt, source, name, _data_cfg(link=link or None), log=console.print, **opts)
@@ -230,10 +233,14 @@ def evaluate_cmd(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
     except IlrError as e:
         _fail(e)
     s = ev.summary
-    for key in sorted(k for k in s if k.startswith(("global_", "rerank_", "gap"))):
+    console.print(f"protocol {s['protocol']}: {s['queries']} queries, {s['index']} index images")
+    for key in sorted(k for k in s if isinstance(s[k], (int, float)) and k not in ("map", "queries", "index")):
         console.print(f"{key:28s} {s[key]:.4f}" if isinstance(s[key], float) else f"{key:28s} {s[key]}")
     console.print(f"model: {s['model']}; per-query CSV: {ev.csv_path}; mlflow run {ev.run_id}")
     _write_metrics(metrics_file, {k: v for k, v in s.items() if isinstance(v, (int, float, str))})
+    for key, title in (("recall_at_1", "Recall@1"), ("gap", "GAP"), ("met_gap", "GAP")):  # the format's own headline
+        if key in s:
+            console.print(f"{title} {s[key]:.4f}")
     console.print(f"mAP {s['map']:.4f}")
 
 

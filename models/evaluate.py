@@ -1,10 +1,27 @@
-"""Evaluation of a model on a dataset version with the dataset's own protocol.
+"""Evaluation of a model on a dataset version with the dataset's own protocol, reporting what the
+dataset's official evaluation reports.
 
-Protocols (dataset.json): `labels` (queries vs index, positives share the label), `leave_one_out` (every
-index image with another image of its label queries all the others), `revisited` (Easy/Medium/Hard with
-junk, queries cropped to their bbx), `gldv2` (mAP@100 and recognition GAP). Global search is exact
-(a matrix product); re-ranking re-orders the top-K with local features stored compactly (int8), as the
-service stores them.
+Protocols (dataset.json):
+- `labels`: queries vs index, positives share the label: mAP (the embedded data and folder datasets with
+  a query list).
+- `leave_one_out`: every index image with another image of its label queries all the others: mAP.
+- `sop` (Stanford Online Products): leave-one-out over the test split, Recall@1/10/100/1000 (Song et al.,
+  CVPR 2016) as the headline, mAP beside it.
+- `revisited` (Revisited Oxford/Paris): mAP Easy/Medium/Hard with junk and mP@k (revisitop), queries
+  cropped to their bbx as revisitop crops them (the unrotated image, outside the image padded black).
+- `gldv2`: retrieval mAP@100 (DELF's `MeanAveragePrecision`) and recognition GAP, GAP ignoring
+  non-landmark queries and top-1 accuracy (DELF's `GlobalAveragePrecision`, `Top1Accuracy`), overall and
+  per Usage (Public / Private) as `compute_recognition_metrics.py` / `compute_retrieval_metrics.py`
+  print them. Recognition is DELG's: k-NN over the *train* images (global top-K, re-ranked), the label
+  of the best one, DELG's recognition score; predictions are train landmark ids.
+- `met` (the Met): mAP over the test queries with a label, and the three official numbers of
+  nikosips/met `knn_eval.py`: GAP with the distractor queries kept, GAP without them, accuracy on the
+  non-distractor queries, from its k-NN classifier over the exhibit images (global descriptors, no PCA
+  whitening: ilr's descriptors are whitened by the model; `--raw` in the official script), K and the
+  temperature tuned by GAP on the validation queries (`--autotune`), K=1, t=1 without them.
+
+Global search is exact (a matrix product); re-ranking re-orders the top-K with local features stored
+compactly (int8), as the service stores them.
 """
 from __future__ import annotations
 
@@ -104,6 +121,105 @@ def _ground_truth(protocol: str, queries: pd.DataFrame, index: pd.DataFrame, sel
     return out
 
 
+def _revisited_crop(row, folder: Path) -> np.ndarray:
+    """A Revisited query as revisitop crops it: the image as stored (no EXIF rotation), PIL's crop of the
+    bbx (rounded), parts outside the image black."""
+    from PIL import Image
+
+    with Image.open(folder / row["path"]) as im:
+        return np.asarray(im.convert("RGB").crop(tuple(float(v) for v in row["bbox"])))
+
+
+def _usage(queries: pd.DataFrame) -> np.ndarray:
+    """GLDv2 Usage per query, from its source (gldv2:test:Public); "" for older manifests."""
+    return np.array([s.split(":")[2] if isinstance(s, str) and s.count(":") >= 2 else "" for s in queries["source"]])
+
+
+def _gldv2_report(df, folder, queries, q_feats, q_g, final, index, extractor, rcfg, rerank, compact,
+                  log_fn) -> tuple[dict, dict]:
+    """Retrieval mAP@100 per Usage, and recognition the published way: k-NN over the train images."""
+    out: dict = {}
+    usage = _usage(queries)
+    ids = index["image_id"].to_numpy()
+    qids = [str(q) for q in queries["image_id"]]
+    ret_sol = {q: _ids(v) for q, v in zip(qids, queries["gt_easy"]) if len(_ids(v))}
+    ret_pred = {q: list(ids[o[:100]]) for q, o in zip(qids, final) if q in ret_sol}
+    rec_sol = {q: [str(x) for x in _ids(v)] for q, v in zip(qids, queries["gt_labels"])
+               if isinstance(v, (list, tuple, np.ndarray))}
+    train = df[df["split"].isin(["train", "val"]) & (df["label"] != NO_LABEL)].reset_index(drop=True)
+    rec_pred: dict = {}
+    cols = {"usage": usage, "predicted_label": [None] * len(qids), "recognition_score": [np.nan] * len(qids)}
+    if len(train) and rec_sol:
+        t0 = time.perf_counter()
+        t_feats = extractor.extract([folder / p for p in train["path"]])
+        t_g = np.stack([f.global_desc for f in t_feats])
+        orders, sims = rank(q_g, t_g)
+        if rerank:
+            orders, _, rec = rerank_orders(orders, sims, _local(q_feats, compact), _local(t_feats, compact),
+                                           Reranker(rcfg), q_global=q_g, db_global=t_g)
+            score = rec[:, 0]
+        else:
+            score = recognition_score(np.zeros(len(orders)), sims[np.arange(len(orders)), orders[:, 0]])
+        labels = train["label"].to_numpy()
+        pred_labels = [str(labels[o[0]]) for o in orders]
+        rec_pred = {q: (lab, float(sc)) for q, lab, sc in zip(qids, pred_labels, score) if lab != NO_LABEL}
+        cols["predicted_label"], cols["recognition_score"] = pred_labels, score
+        log_fn(f"recognition: k-NN over {len(train)} train images in {time.perf_counter() - t0:.1f}s")
+    elif rec_sol:
+        log_fn("recognition: the dataset has no labelled train images; recognition is not evaluated")
+    for name, keep in (("", None), ("_public", "Public"), ("_private", "Private")):
+        sel = {q for q, u in zip(qids, usage) if keep is None or u == keep}
+        if keep is not None and not sel:
+            continue
+        rs = {q: v for q, v in ret_sol.items() if q in sel}
+        if rs:
+            out[f"map_at_100{name}"] = metrics.gldv2_map_at_k({q: ret_pred[q] for q in rs}, rs)
+        cs = {q: v for q, v in rec_sol.items() if q in sel}
+        if cs and rec_pred:
+            pr = {q: p for q, p in rec_pred.items() if q in cs}
+            out[f"gap{name}"] = metrics.gap(pr, cs)
+            out[f"gap_landmarks_only{name}"] = metrics.gap(pr, cs, ignore_non_landmarks=True)
+            out[f"top1_accuracy{name}"] = metrics.top1_accuracy(pr, cs)
+    return out, cols
+
+
+# the official grid of nikosips/met knn_eval.py --autotune
+MET_K = (1, 2, 3, 5, 7, 10, 15, 20, 50)
+MET_T = (0.01, 0.1, 1.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 50.0, 100.0, 500.0)
+
+
+def _met_report(queries, q_g, val, val_feats, db_g, index, log_fn) -> tuple[dict, dict]:
+    """The Met's official numbers from its k-NN classifier over the exhibit images (see the module doc)."""
+    labels = index["label"].to_numpy().astype(object)
+    n_classes = len(set(labels))
+    kmax = min(max(MET_K), len(labels))
+
+    def neighbours(g):
+        sims = g @ db_g.T
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :kmax]
+        return np.take_along_axis(sims, top, axis=1), labels[top]
+
+    k, t = 1, 1.0
+    if val is not None and len(val):
+        vs, vl = neighbours(np.stack([f.global_desc for f in val_feats]))
+        truth = val["label"].to_numpy().astype(object)
+        best = -1.0
+        for kk in MET_K:
+            if kk > kmax:
+                continue
+            for tt in MET_T:
+                p, c = metrics.knn_classify(vs, vl, n_classes, kk, tt)
+                g = metrics.met_scores(p, c, truth, NO_LABEL)["gap"]
+                if g > best:  # the first of equals, in grid order, as the official tuning
+                    best, k, t = g, kk, tt
+        log_fn(f"the Met: k-NN tuned on {len(val)} validation queries: K {k}, t {t:g} (GAP {best:.4f})")
+    s, lab = neighbours(q_g)
+    preds, confs = metrics.knn_classify(s, lab, n_classes, k, t)
+    out = {f"met_{key}": v for key, v in metrics.met_scores(preds, confs, queries["label"].to_numpy().astype(object),
+                                                            NO_LABEL).items()}
+    return {**out, "met_knn_k": k, "met_knn_t": t}, {"predicted_label": preds, "confidence": confs}
+
+
 def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
              ecfg: ExtractConfig | None = None, rcfg: RerankConfig | None = None, compact: bool = True,
              out_dir: Path | None = None, log_mlflow: bool = True, log_fn: Callable[[str], None] = print,
@@ -120,9 +236,10 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
     index = df[df["split"] == "index"].reset_index(drop=True)
     if len(index) == 0:
         raise IlrError(f"dataset {version.ref} has no index images")
-    loo = protocol == "leave_one_out"
+    loo = protocol in ("leave_one_out", "sop")
     t0 = time.perf_counter()
     idx_feats = extractor.extract([folder / p for p in index["path"]])
+    val, val_feats = None, []
     if loo:
         counts = index[index["label"] != NO_LABEL]["label"].value_counts()
         q_pos = np.flatnonzero(index["label"].isin(counts[counts >= 2].index).to_numpy())
@@ -130,7 +247,12 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
         q_feats = [idx_feats[i] for i in q_pos]
     else:
         queries = df[df["split"] == "query"].reset_index(drop=True)
-        q_feats = extractor.extract([_crop(r, folder) for _, r in queries.iterrows()])
+        if protocol == "met":  # the validation queries tune the k-NN classifier; the test queries are scored
+            is_val = queries["source"].fillna("").str.startswith("met:val:").to_numpy()
+            val, queries = queries[is_val].reset_index(drop=True), queries[~is_val].reset_index(drop=True)
+            val_feats = extractor.extract([folder / p for p in val["path"]])
+        crop = _revisited_crop if protocol == "revisited" else _crop
+        q_feats = extractor.extract([crop(r, folder) for _, r in queries.iterrows()])
         q_pos = None
     if len(queries) == 0:
         raise IlrError(f"dataset {version.ref} has no queries for protocol {protocol!r}")
@@ -145,16 +267,18 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
         if protocol == "revisited":
             return metrics.revisited_map(ords, gt)
         r = metrics.retrieval_map(ords, gt)
+        if protocol == "sop":
+            r.update(metrics.recall_at_k(ords, gt))
         ids = index["image_id"].to_numpy()
         sol = {str(q): list(ids[p]) for q, p in zip(queries["image_id"], gt) if len(p)}
         pred = {str(q): list(ids[o[:100]]) for q, o in zip(queries["image_id"], ords) if str(q) in sol}
         out = {"map": r["map"], "map_at_100": metrics.gldv2_map_at_k(pred, sol),
-               **{k: v for k, v in r.items() if k.startswith("mp_at_")}, "aps": r["aps"]}
+               **{k: v for k, v in r.items() if k.startswith(("mp_at_", "recall_at_"))}, "aps": r["aps"]}
         return out
 
     summary = {"protocol": protocol, "queries": len(queries), "index": len(index), "extract_s": extract_s}
     glob = score(orders)
-    summary.update({f"global_{k}": v for k, v in glob.items() if k != "aps"})
+    summary.update({f"global_{k}": v for k, v in glob.items() if not k.endswith("aps")})
     final, inliers, rec = orders, None, None
     if rerank:
         t1 = time.perf_counter()
@@ -162,26 +286,30 @@ def evaluate(dataset: str, model_uri: str | None = None, rerank: bool = True,
                                             Reranker(rcfg), q_global=q_g, db_global=db_g)
         summary["rerank_s_per_query"] = (time.perf_counter() - t1) / len(queries)
         rr = score(final)
-        summary.update({f"rerank_{k}": v for k, v in rr.items() if k != "aps"})
+        summary.update({f"rerank_{k}": v for k, v in rr.items() if not k.endswith("aps")})
+    served = rr if rerank else glob
     headline = {"revisited": "medium", "gldv2": "map_at_100"}.get(protocol, "map")  # each protocol's own
     best = summary[f"rerank_{headline}" if rerank else f"global_{headline}"]
     summary["map"] = best
-    if protocol == "gldv2":  # recognition: label of the best index image, DELG's score
-        labels = index["label"].to_numpy()
-        top = final[:, 0]
-        cos = sims[np.arange(len(top)), top]
-        sc = rec[:, 0] if rec is not None else recognition_score(np.zeros(len(top)), cos)
-        pred = {str(q): (str(labels[t]), float(s)) for q, t, s in zip(queries["image_id"], top, sc)}
-        sol = {str(q): _ids(v) for q, v in zip(queries["image_id"], queries["gt_labels"])
-               if isinstance(v, (list, tuple, np.ndarray))}
-        summary["gap"] = metrics.gap({q: p for q, p in pred.items() if q in sol}, sol)
-
-    aps = (rr if rerank else glob).get("aps") if protocol != "revisited" else [np.nan] * len(queries)
     per_query = pd.DataFrame({
-        "query_id": queries["image_id"], "label": queries["label"], "ap": aps,
+        "query_id": queries["image_id"], "label": queries["label"],
+        "ap": served.get("medium_aps" if protocol == "revisited" else "aps"),
         "top1_id": index["image_id"].to_numpy()[final[:, 0]], "top1_label": index["label"].to_numpy()[final[:, 0]],
         "top1_global_score": sims[np.arange(len(final)), final[:, 0]],
         "top1_inliers": inliers[:, 0] if inliers is not None else 0})
+    if protocol == "revisited":
+        per_query["ap_easy"], per_query["ap_hard"] = served["easy_aps"], served["hard_aps"]
+    if protocol == "sop":
+        summary["recall_at_1"] = served["recall_at_1"]
+    if protocol == "gldv2":
+        extra, cols = _gldv2_report(df, folder, queries, q_feats, q_g, final, index, extractor, rcfg, rerank,
+                                    compact, log_fn)
+        summary.update(extra)
+        per_query = per_query.assign(**cols)
+    if protocol == "met":
+        extra, cols = _met_report(queries, q_g, val, val_feats, db_g, index, log_fn)
+        summary.update(extra)
+        per_query = per_query.assign(**cols)
     out_dir = Path(out_dir or ilr_home() / "evaluations")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{version.name}-{version.version}-{int(time.time())}.csv"

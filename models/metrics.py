@@ -73,6 +73,7 @@ def revisited_map(orders, gnd: Sequence[Mapping[str, Sequence[int]]], kappas=(1,
         jk = [np.concatenate([np.asarray(g[k], dtype=np.int64) for k in junk_keys]) for g in gnd]
         r = retrieval_map(orders, ok, jk, kappas)
         out[name] = r["map"]
+        out[f"{name}_aps"] = r["aps"]
         out.update({f"{name}_{k}": v for k, v in r.items() if k.startswith("mp_at_")})
     return out
 
@@ -102,9 +103,13 @@ def gldv2_map_at_k(predictions: Mapping[str, Sequence[str]], solution: Mapping[s
     return total / n if n else float("nan")
 
 
-def gap(predictions: Mapping[str, tuple[str, float]], solution: Mapping[str, Sequence[str]]) -> float:
+def gap(predictions: Mapping[str, tuple[str, float]], solution: Mapping[str, Sequence[str]],
+        ignore_non_landmarks: bool = False) -> float:
     """Global Average Precision (micro-AP). predictions[q] = (label, score); solution[q] = labels of q (empty
-    for non-landmark queries). Ties: score desc, then query id, then label (Kaggle's convention)."""
+    for non-landmark queries). Ties: score desc, then query id, then label (Kaggle's convention). A query
+    without a prediction costs nothing but its recall; a wrong prediction dilutes the precision.
+    ignore_non_landmarks: predictions for queries without labels are left out (DELF's
+    `ignore_non_gt_test_images`, "GAP ignoring non-landmark queries")."""
     unknown = set(predictions) - set(solution)
     if unknown:
         raise ValueError(f"predictions for queries outside the solution, e.g. {sorted(unknown)[0]!r}")
@@ -115,8 +120,78 @@ def gap(predictions: Mapping[str, tuple[str, float]], solution: Mapping[str, Seq
     correct = total = 0
     ap = 0.0
     for q, (label, _) in items:
+        if ignore_non_landmarks and not len(solution[q]):
+            continue
         total += 1
         if label in set(solution[q]):
             correct += 1
             ap += correct / total
     return ap / n_positives
+
+
+def top1_accuracy(predictions: Mapping[str, tuple[str, float]], solution: Mapping[str, Sequence[str]]) -> float:
+    """GLDv2 recognition top-1 accuracy (DELF's `Top1Accuracy`): over the queries that have labels, the
+    fraction whose prediction is one of them (no prediction = wrong)."""
+    with_labels = [q for q, v in solution.items() if len(v)]
+    if not with_labels:
+        return float("nan")
+    return sum(1 for q in with_labels if q in predictions and predictions[q][0] in set(solution[q])) / len(with_labels)
+
+
+def recall_at_k(orders: np.ndarray | Sequence[np.ndarray], positives: Sequence[Sequence[int]],
+                ks: Sequence[int] = (1, 10, 100, 1000)) -> dict:
+    """Recall@K of metric learning (Stanford Online Products, Song et al. 2016): the fraction of queries
+    with at least one positive among their first K results. Queries without positives are skipped."""
+    hits = {k: 0 for k in ks}
+    n = 0
+    for q, order in enumerate(orders):
+        ok = np.asarray(positives[q], dtype=np.int64)
+        if len(ok) == 0:
+            continue
+        n += 1
+        first = np.flatnonzero(np.isin(np.asarray(order), ok))
+        for k in ks:
+            hits[k] += int(len(first) > 0 and first[0] < k)
+    return {f"recall_at_{k}": (hits[k] / n if n else float("nan")) for k in ks}
+
+
+def knn_classify(sims: np.ndarray, neighbour_labels: np.ndarray, n_classes: int, k: int,
+                 t: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Met's k-NN classifier (nikosips/met `KNN_Classifier`). sims / neighbour_labels: [Q x >=k], the
+    similarities and labels of each query's nearest database images, best first. Per query: the best
+    similarity of each label among the first k, a softmax at temperature t over those labels and every
+    other class of the database at similarity 0; the prediction is the arg-max label, the confidence its
+    probability. Returns (predicted labels [Q], confidences [Q])."""
+    preds, confs = [], []
+    for s, labs in zip(np.asarray(sims, np.float64)[:, :k], np.asarray(neighbour_labels, dtype=object)[:, :k]):
+        best: dict = {}
+        for sim, lab in zip(s, labs):
+            best[lab] = max(best.get(lab, 0.0), sim)  # as the official code: similarities start at 0
+        names = list(best)
+        e = np.exp(t * np.array([best[x] for x in names]))
+        p = e / (e.sum() + (n_classes - len(names)))
+        i = int(p.argmax())
+        preds.append(names[i])
+        confs.append(float(p[i]))
+    return np.array(preds, dtype=object), np.array(confs, np.float64)
+
+
+def met_scores(preds: Sequence, confs: Sequence[float], truth: Sequence, distractor) -> dict:
+    """The Met's three official numbers (nikosips/met `evaluate`): GAP over all queries (distractors keep
+    their predictions in the ranking and are never correct; divided by the non-distractor queries), GAP
+    without the distractor queries, and accuracy on the non-distractor queries. Ranking by confidence,
+    ties in query order."""
+    preds, truth = np.asarray(preds, dtype=object), np.asarray(truth, dtype=object)
+    confs = np.asarray(confs, np.float64)
+    real = truth != distractor
+
+    def _gap(p, c, y, n):
+        if n == 0:
+            return float("nan")
+        rel = (p == y)[np.argsort(-c, kind="stable")].astype(np.float64)
+        prec = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+        return float((prec * rel).sum() / n)
+
+    return {"gap": _gap(preds, confs, truth, int(real.sum())),
+            "gap_no_distractors": _gap(preds[real], confs[real], truth[real], int(real.sum())),
+            "accuracy": float((preds[real] == truth[real]).mean()) if real.any() else float("nan")}

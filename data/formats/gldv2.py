@@ -1,9 +1,17 @@
 """Google Landmarks Dataset v2 (v2.1 ground truth).
 
-Files in SOURCE: train.csv (id,url,landmark_id), optional train_clean.csv (landmark_id,images), index.csv (id),
-test.csv (id), retrieval_solution_v2.1.csv (id,images,Usage), recognition_solution_v2.1.csv
-(id,landmarks,Usage), optional index_image_to_landmark.csv (id,landmark_id). Images at
-SOURCE/{train,index,test}/a/b/c/<id>.jpg (or SOURCE/a/b/c/<id>.jpg). Rows with Usage=Ignored are dropped.
+Files in SOURCE, as released (cvdfoundation/google-landmark): train.csv (id,url,landmark_id), optional
+train_clean.csv (landmark_id,images), index.csv (id), test.csv (id), retrieval_solution_v2.1.csv
+(id,images,Usage), recognition_solution_v2.1.csv (id,landmarks,Usage). Images at
+SOURCE/{train,index,test}/a/b/c/<id>.jpg (or SOURCE/a/b/c/<id>.jpg).
+
+Id spaces: `label` holds *train* landmark ids only (train images, and a test query's first landmark;
+`gt_labels` has all of them). Index images have no label: the release gives index images no landmark
+ids, and the ones used elsewhere are from another id space (so no number can mean two landmarks).
+Retrieval ground truth is `gt_easy` (index image ids), recognition ground truth `gt_labels` (train
+landmark ids; empty for a non-landmark query). Usage is Public, Private or Ignored (anything else is
+refused, as the official reader does); Ignored rows are dropped and a query's Usage is kept in its
+`source` (gldv2:test:Public / gldv2:test:Private) so that evaluation reports the two separately.
 """
 from __future__ import annotations
 
@@ -33,9 +41,18 @@ def _ids(df: pd.DataFrame, file: Path, column: str = "id") -> pd.DataFrame:
     return df
 
 
+USAGES = ("Public", "Private", "Ignored")
+
+
 def _solution(path: Path, column: str) -> pd.DataFrame:
     df = _ids(read_csv(path, ["id", column, "Usage"]), path)
-    return df[df["Usage"].str.strip() != "Ignored"].copy()
+    df["Usage"] = df["Usage"].fillna("").str.strip()
+    bad = ~df["Usage"].isin(USAGES)
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        raise DataFormatError(f"Usage {df['Usage'].iloc[i]!r} is not one of {', '.join(USAGES)}",
+                              where=f"{path}, row {df.index[i] + 2}")
+    return df[df["Usage"] != "Ignored"].copy()
 
 
 def read(root: Path, val_fraction: float = 0.1, **_) -> Source:
@@ -53,11 +70,7 @@ def read(root: Path, val_fraction: float = 0.1, **_) -> Source:
     train["split"] = hash_split(train["id"], train["label"], val_fraction)
 
     index = _ids(read_csv(root / "index.csv", ["id"]), root / "index.csv")
-    index_labels = {}
-    if (root / "index_image_to_landmark.csv").exists():
-        m = read_csv(root / "index_image_to_landmark.csv", ["id", "landmark_id"])
-        index_labels = dict(zip(m["id"], m["landmark_id"]))
-    index = index.assign(label=[index_labels.get(i, NO_LABEL) for i in index["id"]], split="index",
+    index = index.assign(label=NO_LABEL, split="index",
                          domain="landmark", source="gldv2:index",
                          src=[str(image_path(root, "index", i)) for i in index["id"]])
 
@@ -74,6 +87,11 @@ def read(root: Path, val_fraction: float = 0.1, **_) -> Source:
                                   where=f"{root / 'retrieval_solution_v2.1.csv'}, id {qid}")
         gt_images[qid] = ids
     gt_landmarks = {q: lm.split() for q, lm in zip(rec["id"], rec["landmarks"].fillna(""))}
+    usage = dict(zip(ret["id"], ret["Usage"]))
+    for q, u in zip(rec["id"], rec["Usage"]):
+        if usage.setdefault(q, u) != u:
+            raise DataFormatError(f"query {q!r} is {usage[q]} in the retrieval solution and {u} in the "
+                                  "recognition solution", where=str(root / "recognition_solution_v2.1.csv"))
     queries = sorted((set(gt_images) | set(gt_landmarks)))
     unknown = sorted(set(queries) - set(test["id"]))
     if unknown:
@@ -82,7 +100,7 @@ def read(root: Path, val_fraction: float = 0.1, **_) -> Source:
     query = pd.DataFrame({"id": queries})
     query = query.assign(
         label=[(gt_landmarks.get(q) or [NO_LABEL])[0] for q in queries], split="query", domain="landmark",
-        source="gldv2:test", src=[str(image_path(root, "test", q)) for q in queries],
+        source=[f"gldv2:test:{usage[q]}" for q in queries], src=[str(image_path(root, "test", q)) for q in queries],
         gt_easy=[gt_images.get(q) for q in queries],
         gt_labels=[gt_landmarks.get(q) for q in queries])
     rows = pd.concat([train, index, query], ignore_index=True).rename(columns={"id": "image_id"})

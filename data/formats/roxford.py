@@ -14,24 +14,38 @@ from data.manifest import check_image_id, check_unique_ids
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """The ground-truth pickle holds only dicts, lists, numbers and numpy arrays: refuse anything else."""
+    """The ground-truth pickle holds only dicts, lists, numbers and numpy arrays: refuse anything else.
+    Pickles written at protocol 0-2 (as revisitop's gnd_roxford5k.pkl / gnd_rparis6k.pkl are) carry an
+    array's bytes as text re-encoded by `_codecs.encode` (latin-1) and an empty array's as `bytes()`:
+    those two pure functions are allowed; Python 2's strings are read as latin-1, as numpy needs."""
 
     def find_class(self, module, name):
         if module.startswith("numpy") and name in {"ndarray", "dtype", "_reconstruct", "scalar", "_frombuffer"}:
+            return super().find_class(module, name)
+        if (module, name) in {("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytes")}:
             return super().find_class(module, name)
         raise DataFormatError(f"refusing to unpickle {module}.{name}: the ground-truth file may only hold "
                               "plain data")
 
 
-def read(root: Path, **_) -> Source:
+def read(root: Path, gnd: str | None = None, **_) -> Source:
+    """gnd: which ground-truth file (gnd_<name>.pkl, or <name>) when the folder holds several."""
     root = Path(root)
     pkls = sorted(root.glob("gnd_*.pkl"))
+    if gnd:
+        want = gnd if gnd.endswith(".pkl") else f"gnd_{gnd.removeprefix('gnd_')}.pkl"
+        pkls = [p for p in pkls if p.name == want]
+        if not pkls:
+            raise DataFormatError(f"no ground-truth file {want}", where=str(root))
     if not pkls:
         raise DataFormatError("no gnd_<name>.pkl found", where=str(root))
+    if len(pkls) > 1:
+        raise DataFormatError(f"{len(pkls)} ground-truth files ({', '.join(p.name for p in pkls)}): choose one "
+                              "with --gnd NAME", where=str(root))
     pkl = pkls[0]
     try:
         with open(pkl, "rb") as f:
-            cfg = _SafeUnpickler(f).load()
+            cfg = _SafeUnpickler(f, encoding="latin1").load()
     except DataFormatError:
         raise
     except Exception as e:

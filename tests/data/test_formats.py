@@ -54,6 +54,19 @@ def test_gldv2_reader(gld_root):
     assert q.loc["ba00000000000001", "gt_labels"] == ["7"] and q.loc["ba00000000000001", "label"] == "7"
     assert q.loc["bb00000000000002", "gt_labels"] == [] and q.loc["bb00000000000002", "label"] == NO_LABEL
     assert df.loc["0a1b2c3d4e5f6071", "src"].endswith("train/0/a/1/0a1b2c3d4e5f6071.jpg")
+    # index images carry no landmark id (the release has none, and other id spaces must not mix with train ids)
+    assert (df[df["split"] == "index"]["label"] == NO_LABEL).all()
+    # each query keeps its Usage, for the Public / Private report
+    assert q.loc["ba00000000000001", "source"] == "gldv2:test:Public"
+    assert q.loc["bb00000000000002", "source"] == "gldv2:test:Private"
+
+
+def test_gldv2_refuses_an_unknown_usage(gld_root):
+    f = gld_root / "retrieval_solution_v2.1.csv"
+    f.write_text(f.read_text().replace("Private", "private"))
+    with pytest.raises(DataFormatError, match="Usage 'private' is not one of Public, Private, Ignored") as e:
+        gldv2.read(gld_root)
+    assert "row 4" in str(e.value)
 
 
 def test_gldv2_missing_columns_and_path_tricks(gld_root):
@@ -80,17 +93,31 @@ def test_gldv2_duplicate_ids_and_nan_labels(gld_root):
 def test_roxford_reader(tmp_path):
     root = tmp_path / "roxford5k"
     imlist = ["all_souls_000001", "all_souls_000002", "balliol_000001", "oxford_003410"]
-    for k, n in enumerate(imlist + ["all_souls_000013"]):
+    for k, n in enumerate(imlist + ["all_souls_000013", "all_souls_000014"]):
         make_image(root / "jpg" / f"{n}.jpg", k)
-    gnd = [{"bbx": np.array([10.0, 5.0, 80.0, 60.0]), "easy": np.array([0]), "hard": [1], "junk": [2]}]
-    with open(root / "gnd_roxford5k.pkl", "wb") as f:
-        pickle.dump({"imlist": imlist, "qimlist": ["all_souls_000013"], "gnd": gnd}, f)
-    src = roxford.read(root)
-    q = src.rows[src.rows["split"] == "query"].iloc[0]
-    assert src.protocol == "revisited" and q["bbox"] == [10.0, 5.0, 80.0, 60.0]
-    assert q["gt_easy"] == ["all_souls_000001"] and q["gt_hard"] == ["all_souls_000002"]
-    assert q["gt_junk"] == ["balliol_000001"]
-    assert (src.rows["split"] == "index").sum() == 4
+    gnd = [{"bbx": np.array([10.0, 5.0, 80.0, 60.0]), "easy": np.array([0]), "hard": [1], "junk": [2]},
+           {"bbx": np.array([0.0, 0.0, 5.0, 5.0]), "easy": np.array([0]), "hard": np.array([], np.int64),
+            "junk": np.array([], np.int64)}]  # empty arrays, as most queries' junk lists
+    # revisitop's gnd_roxford5k.pkl / gnd_rparis6k.pkl are old-protocol pickles with numpy arrays (their bytes
+    # go through _codecs.encode): every protocol loads, without unsafe unpickling
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        with open(root / "gnd_roxford5k.pkl", "wb") as f:
+            pickle.dump({"imlist": imlist, "qimlist": ["all_souls_000013", "all_souls_000014"], "gnd": gnd}, f,
+                        protocol=protocol)
+        src = roxford.read(root)
+        q = src.rows[src.rows["split"] == "query"].iloc[0]
+        assert src.protocol == "revisited" and q["bbox"] == [10.0, 5.0, 80.0, 60.0]
+        assert q["gt_easy"] == ["all_souls_000001"] and q["gt_hard"] == ["all_souls_000002"]
+        assert q["gt_junk"] == ["balliol_000001"]
+        assert (src.rows["split"] == "index").sum() == 4
+    # two ground-truth files: an error, unless one is chosen
+    (root / "gnd_rparis6k.pkl").write_bytes((root / "gnd_roxford5k.pkl").read_bytes())
+    with pytest.raises(DataFormatError, match="2 ground-truth files .*--gnd"):
+        roxford.read(root)
+    assert len(roxford.read(root, gnd="roxford5k").rows) == 6
+    assert len(roxford.read(root, gnd="gnd_rparis6k.pkl").rows) == 6
+    with pytest.raises(DataFormatError, match="no ground-truth file gnd_other.pkl"):
+        roxford.read(root, gnd="other")
 
 
 def test_roxford_refuses_code_in_pickle(tmp_path):
@@ -139,11 +166,20 @@ def test_met_reader(tmp_path):
         make_image(root / "images" / it["path"], k)
     (gt / "MET_database.json").write_text(json.dumps(db))
     (gt / "testset.json").write_text(json.dumps(test))
+    (gt / "valset.json").write_text(json.dumps([{"path": "val_met/1.jpg", "MET_id": 202}]))
+    make_image(root / "images" / "val_met/1.jpg", 9)
+    (gt / "mini_MET_database.json").write_text(json.dumps(db[:1]))
     src = met.read(root)
     df = src.rows.set_index("image_id")
+    assert src.protocol == "met"
     assert df.loc["MET-101-0", "label"] == "101" and df.loc["MET-101-0", "split"] == "index"
     assert df.loc["test_met-0", "label"] == "101" and df.loc["test_noart-5", "label"] == NO_LABEL
+    # both query sets, told apart by their source: test is scored, val tunes the k-NN classifier
+    assert df.loc["test_met-0", "source"] == "met:test:test_met/0.jpg"
+    assert df.loc["val_met-1", "source"] == "met:val:val_met/1.jpg" and df.loc["val_met-1", "split"] == "query"
     assert (df["domain"] == "artwork").all()
+    mini = met.read(root, mini=True).rows
+    assert (mini["split"] == "index").sum() == 1
     (gt / "testset.json").write_text(json.dumps([{"path": "../../secret.jpg"}]))
     with pytest.raises(DataFormatError, match="escapes"):
         met.read(root)
@@ -163,7 +199,7 @@ def test_sop_reader(tmp_path):
             make_image(root / p, k, fmt="JPEG")
             k += 1
     src = sop.read(root, val_fraction=0.0)
-    assert src.protocol == "leave_one_out"
+    assert src.protocol == "sop"
     assert (src.rows["split"] == "train").sum() == 4 and (src.rows["split"] == "index").sum() == 2
     assert (src.rows["domain"] == "product").all()
 

@@ -144,7 +144,7 @@ def test_bad_sources_are_refused(workspace, tmp_path, case):
 
 
 def test_validation_reports_dataset_rules(workspace, tiny_synthetic, tmp_path):
-    """Rules beyond decoding: a train class with one image, a query box outside its image, the same
+    """Rules beyond decoding: a train class with one image, a query box wholly outside its image, the same
     file in index and query, and a training image duplicated into the query set (leakage)."""
     bad = tmp_path / "bad"
     shutil.copytree(tiny_synthetic, bad)
@@ -152,7 +152,7 @@ def test_validation_reports_dataset_rules(workspace, tiny_synthetic, tmp_path):
     train = df.index[df["split"] == "train"]
     df = df.drop(index=train[df.loc[train, "label"] == df.loc[train[0], "label"]][1:])  # one image left
     q = df.index[df["split"] == "query"]
-    df.at[q[0], "bbox"] = [0.0, 0.0, 5000.0, 10.0]
+    df.at[q[0], "bbox"] = [5000.0, 0.0, 6000.0, 10.0]  # wholly outside the image
     i = df.index[df["split"] == "index"][0]
     (bad / df.at[q[1], "path"]).write_bytes((bad / df.at[i, "path"]).read_bytes())
     t = df.index[df["split"] == "train"][-1]
