@@ -1,24 +1,35 @@
 """End to end, as a user runs it: README command 1 (`./scripts/demo`) in a fresh `git clone` with no ILR_*
-variables, twice, and `ilr tune` there. Real Prefect, DVC, GX, Ray Tune, MLflow, Milvus Lite and Ray Serve
-throughout. (The retrain triggers and the dashboard: test_triggers.py, in a workspace of their own, so that
-both run at once on two test workers.)
+variables, twice, and `ilr tune` there; then, in that workspace, the retrain triggers (a new dataset
+version, a quality drop) and the dashboard in headless Chromium. Real Prefect, DVC, GX, Ray Tune, MLflow,
+Milvus Lite and Ray Serve throughout.
 
 The clone is of the committed HEAD (in CI: the submitted main). It reuses this checkout's .venv (the
 README's commands then find it up to date) and runs the clone's own code (PYTHONPATH)."""
 import os
+import re
+import shutil
+import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-
-from tests.flows._helpers import _free_port, _run
+import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # what a new user's shell does not have: every ILR_* variable and the service switches
 NOT_SET = ("MLFLOW_TRACKING_URI", "MILVUS_URI", "RAY_ADDRESS", "PREFECT_API_URL", "PREFECT_HOME")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def fresh_clone(dest: Path) -> dict:
@@ -39,9 +50,26 @@ def fresh_clone(dest: Path) -> dict:
     return env
 
 
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-5000:]}\n{r.stderr[-5000:]}"
+    return r.stdout + r.stderr
+
+
+def _chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed: ./scripts/test installs Debian's chromium (scripts/browser.sh)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--hide-scrollbars"]
+    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
-    """One fresh clone for the module."""
+    """One fresh clone for the module: the demo runs in it, then the trigger test works in its workspace."""
     dest = tmp_path_factory.mktemp("user") / "ilr"
     env = fresh_clone(dest)
     port = _free_port()
@@ -74,3 +102,97 @@ def test_readme_demo_in_a_fresh_clone_runs_and_reruns(clone):
     assert "already versioned" in again and "demo finished" in again, again
     assert "resuming the search" in again or "cannot resume" in again
     assert (clone["dir"] / ".ilr" / "mlflow.db").exists()
+
+
+def _wait_health(url, pred, timeout_s=600):
+    deadline, health = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        if pred(health):
+            return health
+        time.sleep(1)
+    raise AssertionError(f"service never reached the expected state: {health}")
+
+
+def _retrain_logs(home: Path) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in sorted((home / "logs").glob("retrain-*.log")))
+
+
+def _wait_retrain_idle(home: Path, timeout_s=600):
+    import fcntl
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(home / "retrain.lock", "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                time.sleep(1)
+    raise AssertionError("the retrain never finished:\n" + _retrain_logs(home))
+
+
+def test_retrain_triggers_and_dashboard(clone):
+    """In the demo's workspace, with small retrains (ILR_PARAMS): a second dataset version fires the retrain
+    trigger and the service follows the new index; a broken index is seen by the monitor, whose trigger
+    puts the champion's index back. The dashboard is rendered by a real browser."""
+    d, url, home = clone["dir"], clone["url"], clone["home"]
+    p = yaml.safe_load((d / "params.yaml").read_text())
+    p["tune"].update(trials=1, steps=2, val_every=2)
+    p["monitoring"].update(canary_queries=8)
+    small = d / ".ilr" / "small-params.yaml"
+    small.write_text(yaml.safe_dump(p))
+    env = {**clone["env"], "ILR_PARAMS": str(small)}
+    ilr = str(d / ".venv" / "bin" / "ilr")
+    py = str(d / ".venv" / "bin" / "python")
+
+    # a new dataset version through the ingest flow: the trigger fires and a background retrain follows
+    out = _run([py, "-c", "from flows.lifecycle import ingest_dataset; "
+                          "v = ingest_dataset('synthetic', 'tiny', 'synthetic-tiny', seed=1); print(v['ref'], v['trigger'])"],
+               d, env)
+    assert "synthetic-tiny@v2" in out and "background process" in out, out
+    try:
+        _wait_health(url, lambda h: h.get("dataset") == "synthetic-tiny@v2")
+    except AssertionError:
+        raise AssertionError(_retrain_logs(home)) from None
+    _wait_retrain_idle(home)
+
+    shot = home / "dashboard.png"
+    r = _chromium("--window-size=1300,1400", f"--screenshot={shot}", f"{url}/dashboard/")
+    assert shot.exists(), r.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape[1] == 1300 and pixels.std() > 5  # not a blank page
+    dom = _chromium("--dump-dom", f"{url}/dashboard/").stdout
+    for plot in ("plot-quality", "plot-latency", "plot-drift", "plot-ann"):
+        assert f'id="{plot}"' in dom, plot
+    points = {m.group(1): int(m.group(2)) for m in re.finditer(r'id="(plot-[a-z]+)" data-points="(\d+)"', dom)}
+    assert points["plot-quality"] >= 2 and points["plot-latency"] >= 3 and points["plot-ann"] >= 1, points
+    # the gate's scores on the target and the real-photos suite, and the monitor's on the suite
+    assert points["plot-suites"] >= 3, points
+    assert dom.count("<polyline") >= 4
+
+    # a deliberately broken index (random weights) -> the monitor sees the quality drop -> retrain fires
+    import torch
+
+    from models.artifacts import save
+    from models.config import ModelConfig
+    from models.delg import DELG
+
+    torch.manual_seed(0)
+    broken = save(DELG(ModelConfig(), load_pretrained=False).eval(), home / "random-model")
+    _run([ilr, "index", "build", "--dataset", "synthetic-tiny", "--model", str(broken), "--engine", "local"], d, env)
+    mon = _run([ilr, "monitor", "--url", url], d, env)
+    assert "quality drop: True" in mon, mon
+    db = sqlite3.connect(home / "monitoring.db")
+    kinds = [k for (k,) in db.execute("SELECT kind FROM events ORDER BY ts")]
+    assert "ilr.dataset.versioned" in kinds and "ilr.quality.dropped" in kinds, kinds
+    maps = [m for (m,) in db.execute("SELECT map_at_k FROM canary ORDER BY ts")]
+    assert len(maps) >= 2 and maps[-1] < min(maps[:-1]) - 0.3  # the broken index was measured as much worse
+    # the retrain (background) puts the champion's index back behind the alias; the service follows it
+    try:
+        _wait_health(url, lambda h: h["model"].startswith("models:/") and not h["champion_pending_index"]
+                     and h.get("dataset") == "synthetic-tiny@v2")
+    except AssertionError:
+        raise AssertionError(_retrain_logs(home)) from None
+    _wait_retrain_idle(home)
