@@ -13,9 +13,15 @@ class ModelConfig:
     pretrained: bool = True
     dim: int = 512                            # global descriptor size D (paper: 2048 on ResNet)
     local_dim: int = 0                        # autoencoder size; 0 = 128, or 64 when the stage has < 256 channels
-    local_descriptors: str = "learned"        # learned: the autoencoder's code (DELG); backbone: the stage's own
-                                              # features, L2-normalised (as off the shelf), the learned attention
-                                              # still selects them
+    global_descriptor: str = "learned+gem"    # learned+gem: an ensemble of the backbone's own GeM descriptor and
+                                              # the learned one, [gem_weight * GeM ; whiten(GeM)] (each L2-
+                                              # normalised, then the whole): a fine-tuned model keeps ImageNet's
+                                              # view beside what it learned; learned: whiten(GeM) alone (DELG)
+                                              # (BENCHMARKS.md "Fine-tuning options")
+    gem_weight: float = 1.5                   # learned+gem: weight of the GeM half
+    local_descriptors: str = "backbone"       # backbone: the stage's own features, L2-normalised (as off the
+                                              # shelf; they match real photos better after fine-tuning on small
+                                              # or synthetic data); learned: the autoencoder's code (DELG)
     attention_hidden: int = 0                 # 0 = 512, or 256 when the stage has < 256 channels
     gem_p: float = 3.0
     arcface_margin: float = 0.1

@@ -114,10 +114,29 @@ class DELG(nn.Module):
         local_map, global_map = self.backbone(images)
         return local_map, global_map
 
+    @property
+    def descriptor_dim(self) -> int:
+        """Length of global_descriptor(): C5 off the shelf, D learned, C5 + D for learned+gem."""
+        if self.off_the_shelf:
+            return self.whiten.in_features
+        return self.cfg.dim + (self.whiten.in_features if self.cfg.global_descriptor == "learned+gem" else 0)
+
+    def learned_descriptor(self, global_map: torch.Tensor) -> torch.Tensor:
+        """[B x C5 x h x w] -> L2-normalised whiten(GeM) [B x D]: what the ArcFace loss trains."""
+        return F.normalize(self.whiten(gem(global_map, self.cfg.gem_p)), dim=-1)
+
     def global_descriptor(self, global_map: torch.Tensor) -> torch.Tensor:
-        """[B x C5 x h x w] -> L2-normalised [B x D] (off the shelf: GeM of the backbone, D = C5)."""
+        """[B x C5 x h x w] -> L2-normalised [B x descriptor_dim] (off the shelf: GeM of the backbone;
+        learned+gem: [gem_weight * GeM ; whiten(GeM)], each half normalised, then the whole)."""
         pooled = gem(global_map, self.cfg.gem_p)
-        return F.normalize(pooled if self.off_the_shelf else self.whiten(pooled), dim=-1)
+        if self.off_the_shelf:
+            return F.normalize(pooled, dim=-1)
+        learned = F.normalize(self.whiten(pooled), dim=-1)
+        if self.cfg.global_descriptor == "learned":
+            return learned
+        if self.cfg.global_descriptor == "learned+gem":
+            return F.normalize(torch.cat([self.cfg.gem_weight * F.normalize(pooled, dim=-1), learned], dim=-1), dim=-1)
+        raise ValueError(f"unknown model.global_descriptor {self.cfg.global_descriptor!r}: learned | learned+gem")
 
     def local_head(self, local_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B x C4 x h x w] -> (attention [B x h x w], L2-normalised descriptors [B x d x h x w]).
@@ -141,7 +160,7 @@ class DELG(nn.Module):
     def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training losses; the local branch sees the backbone through a stop-gradient."""
         local_map, global_map = self.features(images)
-        emb = self.global_descriptor(global_map)
+        emb = self.learned_descriptor(global_map)
         global_logits = self.arcface(emb, labels)
         block = local_map.detach()  # stop-gradient: local losses do not train the backbone
         attn = self.attention(block)

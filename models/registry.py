@@ -40,7 +40,7 @@ def log_model(model: DELG, folder: Path, extra: dict | None = None):
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
     folder = artifacts.save(model, folder, extra)
-    dim = model.cfg.dim if not model.off_the_shelf else model.whiten.in_features
+    dim = model.descriptor_dim
     signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))
     return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),

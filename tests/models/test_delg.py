@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_sample_image
 
 from models.backbone import create_backbone, offline_state_dict
@@ -12,7 +13,7 @@ from models.delg import DELG, ArcFace, gem
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return DELG(ModelConfig(dim=64), num_classes=5)
+    return DELG(ModelConfig(dim=64, global_descriptor="learned", local_descriptors="learned"), num_classes=5)  # DELG's recipe
 
 
 def test_offline_imagenet_weights_classify_sample_photos():
@@ -92,7 +93,7 @@ def test_training_starts_from_the_off_the_shelf_descriptor_and_can_keep_backbone
     from models.train import _init_whitening
 
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="tf_efficientnet_lite0", dim=512)
+    cfg = ModelConfig(backbone="tf_efficientnet_lite0", dim=512, global_descriptor="learned", local_descriptors="learned")
     trained = DELG(cfg, num_classes=3).eval()
     ots = DELG(cfg, off_the_shelf=True).eval()
     ots.load_state_dict(trained.state_dict(), strict=False)
@@ -109,3 +110,29 @@ def test_training_starts_from_the_off_the_shelf_descriptor_and_can_keep_backbone
     with torch.no_grad():
         _, _, local_backbone = trained(x)
     assert torch.allclose(local_backbone, local_ots, atol=1e-5)  # the stage itself, as off the shelf
+
+
+def test_the_learned_descriptor_can_keep_the_backbone_s_own_beside_it():
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="tf_efficientnet_lite0", dim=64, global_descriptor="learned")
+    model = DELG(cfg, num_classes=3).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        _, global_map = model.features(x)
+        learned = model.global_descriptor(global_map)
+        assert learned.shape == (2, 64) == (2, model.descriptor_dim)
+        model.cfg = dataclasses.replace(model.cfg, global_descriptor="learned+gem", gem_weight=1.5)
+        both = model.global_descriptor(global_map)
+        c5 = model.whiten.in_features
+        assert both.shape == (2, c5 + 64) == (2, model.descriptor_dim)
+        assert torch.allclose(both.norm(dim=-1), torch.ones(2), atol=1e-5)
+        # the two halves in the ratio 1.5 : 1, the learned half is the learned descriptor
+        assert torch.allclose(both[:, :c5].norm(dim=-1) / both[:, c5:].norm(dim=-1), torch.full((2,), 1.5), atol=1e-4)
+        assert torch.allclose(F.normalize(both[:, c5:], dim=-1), learned, atol=1e-5)
+        # training still fits ArcFace on the learned half
+        assert torch.allclose(model.learned_descriptor(global_map), learned, atol=1e-6)
+        model.cfg = dataclasses.replace(model.cfg, global_descriptor="other")
+        with pytest.raises(ValueError, match="global_descriptor"):
+            model.global_descriptor(global_map)

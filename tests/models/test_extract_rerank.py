@@ -13,7 +13,7 @@ from models.rerank import ranking_score, Reranker, mutual_matches, recognition_s
 @pytest.fixture(scope="module")
 def extractor():
     torch.manual_seed(0)
-    model = DELG(ModelConfig(dim=64), load_pretrained=True)
+    model = DELG(ModelConfig(dim=64, global_descriptor="learned", local_descriptors="learned"), load_pretrained=True)
     return Extractor(model, ExtractConfig(max_side_px=160, batch_size=4, cpu_batch_size=4, max_local_features=50,
                                           cpu_threads=1))
 
