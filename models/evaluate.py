@@ -162,7 +162,7 @@ def _gldv2_report(df, folder, queries, q_feats, q_g, final, index, extractor, rc
             score = recognition_score(np.zeros(len(orders)), sims[np.arange(len(orders)), orders[:, 0]])
         labels = train["label"].to_numpy()
         pred_labels = [str(labels[o[0]]) for o in orders]
-        rec_pred = {q: (lab, float(sc)) for q, lab, sc in zip(qids, pred_labels, score) if lab != NO_LABEL}
+        rec_pred = {q: (lab, float(sc)) for q, lab, sc in zip(qids, pred_labels, score)}  # train images are labelled
         cols["predicted_label"], cols["recognition_score"] = pred_labels, score
         log_fn(f"recognition: k-NN over {len(train)} train images in {time.perf_counter() - t0:.1f}s")
     elif rec_sol:
@@ -200,9 +200,9 @@ def _met_report(queries, q_g, val, val_feats, db_g, index, log_fn) -> tuple[dict
         return np.take_along_axis(sims, top, axis=1), labels[top]
 
     k, t = 1, 1.0
-    if val is not None and len(val):
+    truth = val["label"].to_numpy().astype(object) if val is not None else np.zeros(0, object)
+    if (truth != NO_LABEL).any():  # GAP needs a labelled validation query to tune on
         vs, vl = neighbours(np.stack([f.global_desc for f in val_feats]))
-        truth = val["label"].to_numpy().astype(object)
         best = -1.0
         for kk in MET_K:
             if kk > kmax:

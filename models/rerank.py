@@ -87,7 +87,8 @@ def refined_similarity(q_global: np.ndarray, cand_global: np.ndarray, cosine: np
         return c @ _unit(q + w @ c[:k])
     if cfg.refine == "superglobal":
         near = np.argsort(-(c @ c.T), axis=1, kind="stable")[:, :k]   # itself first, then its neighbours
-        refined = np.stack([_unit(v) for v in c[near].mean(axis=1)])
+        refined = c[near].mean(axis=1)
+        refined /= np.linalg.norm(refined, axis=1, keepdims=True).clip(min=1e-12)
         return (refined @ q + c @ _unit(q + c[:k].sum(axis=0))) / 2
     raise ValueError(f"unknown rerank.refine {cfg.refine!r}: superglobal | aqe | none")
 
