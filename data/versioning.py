@@ -297,28 +297,62 @@ def checkout(ref: str, repo: Path | None = None, cfg: DataConfig | None = None) 
     repo = repo or repo_root()
     name, ver = parse_ref(ref)
     v = find_version(name, ver, repo)
-    dvc_rel = (store_dir(repo, cfg) / f"{name}.dvc").relative_to(repo).as_posix()
     with repo_lock(repo):
-        ensure_repo(repo)
-        _git(repo, "checkout", v.git_rev, "--", dvc_rel)
-        try:
-            _dvc(repo, "checkout", "-q", "--force", dvc_rel)
-        except VersioningError:
-            _dvc(repo, "pull", "-q", "--force", dvc_rel)
+        _restore(v, repo, cfg)
     return v, store_dir(repo, cfg) / name
 
 
+def _restore(v: Version, repo: Path, cfg: DataConfig) -> Path:
+    """Make the store's working folder hold version v (caller holds the repo lock)."""
+    ensure_repo(repo)
+    folder = store_dir(repo, cfg) / v.name
+    dvc_file = store_dir(repo, cfg) / f"{v.name}.dvc"
+    dvc_rel = dvc_file.relative_to(repo).as_posix()
+    if dvc_file.exists() and (folder / manifest.MANIFEST).exists() and _dvc_md5(dvc_file) == v.dvc_md5:
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "-q", dvc_rel], cwd=repo, capture_output=True)
+        if status.returncode == 0:
+            return folder
+    _git(repo, "checkout", v.git_rev, "--", dvc_rel)
+    try:
+        _dvc(repo, "checkout", "-q", "--force", dvc_rel)
+    except VersioningError:
+        _dvc(repo, "pull", "-q", "--force", dvc_rel)
+    return folder
+
+
+def snapshot_root() -> Path:
+    return ilr_home() / "datasets"
+
+
 def dataset_dir(ref: str, repo: Path | None = None, cfg: DataConfig | None = None) -> tuple[Version, Path]:
-    """The folder holding NAME@VERSION, restoring it when the store holds another version."""
+    """The folder holding NAME@VERSION for readers (training, evaluation, index builds, the canary): a snapshot
+    of that version only, `$ILR_HOME/datasets/NAME/vN-<dvc hash>/`, made once from the store (hard links, so
+    no copy of the images) and never changed afterwards. Versions never share a folder, so checking out
+    another version (`ilr data checkout`, a canary on v1) cannot change what a build of v2 is reading.
+    Snapshots can be deleted at any time; they are made again on demand."""
     cfg = cfg or data_config()
     repo = repo or repo_root()
     name, ver = parse_ref(ref)
     v = find_version(name, ver, repo)
-    folder = store_dir(repo, cfg) / name
-    dvc_file = store_dir(repo, cfg) / f"{name}.dvc"
-    if dvc_file.exists() and (folder / manifest.MANIFEST).exists() and _dvc_md5(dvc_file) == v.dvc_md5:
-        status = subprocess.run([sys.executable, "-m", "dvc", "status", "-q", dvc_file.relative_to(repo).as_posix()],
-                                cwd=repo, capture_output=True)
-        if status.returncode == 0:
-            return v, folder
-    return checkout(v.ref, repo, cfg)
+    snap = snapshot_root() / name / f"{v.version}-{v.dvc_md5.removesuffix('.dir')[:16]}"
+    if (snap / ".complete").exists():
+        return v, snap
+    with repo_lock(repo):
+        if not (snap / ".complete").exists():
+            folder = _restore(v, repo, cfg)
+            tmp = snap.with_name(f".{snap.name}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            # files are replaced, never rewritten in place (DVC checkout, ingest), so a hard link keeps this
+            # version's bytes whatever the store holds later; another file system gets copies
+            shutil.copytree(folder, tmp, copy_function=_link_or_copy)
+            (tmp / ".complete").write_text(v.ref)
+            shutil.rmtree(snap, ignore_errors=True)
+            os.replace(tmp, snap)
+    return v, snap
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -32,6 +33,7 @@ from data.config import apply_worker_env, ilr_home, worker_env
 from data.errors import IlrError
 from data.versioning import dataset_dir
 from models.extract import Extractor, Features, pack_local, unpack_local
+from serving.changes import ChangeLog
 from serving.config import IndexConfig, index_config
 
 
@@ -50,9 +52,11 @@ GRPC_OPTIONS = {"grpc.keepalive_time_ms": 600_000, "grpc.keepalive_permit_withou
 
 
 def milvus_client(uri: str | None = None):
+    """A client of MILVUS_URI (or the workspace's Milvus Lite); MILVUS_TOKEN ("user:password" or an API key)
+    for a Milvus server with authentication on."""
     from pymilvus import MilvusClient
 
-    return MilvusClient(uri or milvus_uri(), grpc_options=GRPC_OPTIONS)
+    return MilvusClient(uri or milvus_uri(), token=os.environ.get("MILVUS_TOKEN", ""), grpc_options=GRPC_OPTIONS)
 
 
 def collection_name(model_version: str, dataset: str, dataset_version: str) -> str:
@@ -72,15 +76,33 @@ class LocalFeatureStore:
                          "desc_offset INTEGER, count INTEGER, row INTEGER, width INTEGER, height INTEGER, "
                          "deleted INTEGER DEFAULT 0)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        self._lock = threading.Lock()
-        stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        self.dim = int(stored["dim"]) if "dim" in stored else dim
-        self.global_dim = int(stored["global_dim"]) if "global_dim" in stored else None
+        self._lock, self._held = threading.RLock(), False
         self._maps: dict[str, tuple[int, np.memmap]] = {}
-        self._truncate_to_catalogue()
+        with self.writing():  # a writer in another process may be between its append and its commit
+            stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            self.dim = int(stored["dim"]) if "dim" in stored else dim
+            self.global_dim = int(stored["global_dim"]) if "global_dim" in stored else None
+            self._truncate_to_catalogue()
+
+    @contextlib.contextmanager
+    def writing(self):
+        """The store's write lock: one writer per store, across threads and processes. Appends, the
+        truncation on open and check-then-add sequences (the service's add) hold it."""
+        with self._lock:
+            if self._held:  # re-entered by the thread that holds it (check-then-add calls add_packed)
+                yield
+                return
+            with open(self._path(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._held = True
+                try:
+                    yield
+                finally:
+                    self._held = False
 
     def _truncate_to_catalogue(self) -> None:
-        """Drop bytes written after the last catalogued image (a build interrupted mid-append)."""
+        """Drop bytes written after the last catalogued image (a build interrupted mid-append). Holds the write
+        lock: a writer's bytes are catalogued before it releases it, so only a dead writer's remain."""
         end = self._db.execute("SELECT kp_offset + count, desc_offset + count * ?, row + 1 FROM features "
                                "ORDER BY row DESC LIMIT 1", (self.dim or 0,)).fetchone()
         kp_end, desc_end, rows = end if end else (0, 0, 0)
@@ -112,8 +134,7 @@ class LocalFeatureStore:
                    size: tuple[int, int]) -> None:
         """Store already packed features (uint16 keypoints, int8 descriptors), as extraction workers send them."""
         f_global, f_size = np.asarray(global_desc, np.float32), size
-        with self._lock, open(self._path(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per store, across processes too
+        with self.writing():
             if self.dim is None:
                 self.dim = desc.shape[1]
             if self.global_dim is None:
@@ -208,6 +229,14 @@ class LocalFeatureStore:
             return [], np.zeros((0, self.global_dim or 0), np.float32)
         mat = self._map("global.f32", np.float32).reshape(-1, self.global_dim)
         return [r[0] for r in rows], np.asarray(mat[[r[1] for r in rows]])
+
+    def sample_vectors(self, n: int, seed: int = 0) -> np.ndarray:
+        """[<= n x D] float32 global descriptors of a fixed random sample of the live images; only those rows
+        are read (the monitor's drift check asks for a sample on every pass)."""
+        ids = [r[0] for r in self._db.execute("SELECT image_id FROM features WHERE deleted = 0 ORDER BY row")]
+        if len(ids) > n:
+            ids = [ids[i] for i in np.sort(np.random.default_rng(seed).choice(len(ids), n, replace=False))]
+        return self.global_many(ids)
 
     def delete(self, image_id: str) -> bool:
         with self._lock:
@@ -443,6 +472,65 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
                for _, r in batch.iterrows()]
 
 
+@contextlib.contextmanager
+def collection_lock(name: str, log_fn: Callable[[str], None] = print):
+    """One build per collection at a time, across processes (a retrain and a manual build, two triggers)."""
+    path = ilr_home() / "locks" / f"build-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log_fn(f"another build of {name} is running: waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def store_new(index: VectorIndex, store: LocalFeatureStore, image_id: str, label: str, domain: str,
+              global_desc: np.ndarray, kp: np.ndarray, desc: np.ndarray, size: tuple[int, int], cfg=None) -> bool:
+    """Add one image unless the collection has it (check and add under the store's write lock, so that two
+    writers — the service and a build's replay — never insert an id twice). False when it was there."""
+    with store.writing():
+        if image_id in store:
+            return False
+        if not index.client.has_collection(index.name):
+            index.create(len(global_desc), cfg or index_config())
+        if not index.existing([image_id]):  # a crash between the Milvus insert and the store: in Milvus already
+            index.insert([{"image_id": image_id, "label": label, "domain": domain,
+                           "vector": np.asarray(global_desc, np.float32).tolist()}])
+        store.add_packed(image_id, kp, desc, global_desc, size)
+        return True
+
+
+def remove(index: VectorIndex, store: LocalFeatureStore, image_id: str) -> bool:
+    """Delete one image from the collection; False when it was not there."""
+    with store.writing():
+        if image_id not in store:
+            return False
+        index.delete([image_id])
+        return store.delete(image_id)
+
+
+def replay_changes(log: ChangeLog, index: VectorIndex, store: LocalFeatureStore, model, ecfg,
+                   cfg: IndexConfig) -> tuple[int, int]:
+    """Bring the collection in line with the API's change log: (added, deleted). Added images are extracted
+    from their stored bytes with this collection's model."""
+    from data.images import decode
+
+    added = deleted = 0
+    extractor = None
+    for image_id, change in log.state().items():
+        if change.op == "delete":
+            deleted += remove(index, store, image_id)
+        elif image_id not in store:
+            extractor = extractor or Extractor(model, ecfg)
+            image = np.asarray(decode(log.blob(change), f"API add {image_id}"))
+            f = extractor.extract([image])[0]
+            added += store_new(index, store, image_id, change.label, change.domain,
+                               f.global_desc.astype(np.float32), *pack_local(f), f.size, cfg)
+    return added, deleted
+
+
 def choose_engine(engine: str, n_images: int) -> tuple[str, str]:
     """(engine, why). "auto" takes Ray Data where it adds workers: a Ray cluster (RAY_ADDRESS) or GPUs. On a
     lone CPU machine one extraction actor would use the same cores as the in-process path, plus Ray's
@@ -481,45 +569,60 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
     name = collection_name(model_key(model, model_ref), version.name, version.version)
     df = manifest.read(folder)
     rows = df[df["split"] == "index"].reset_index(drop=True)
-    if len(rows) == 0:
+    log = ChangeLog(version.name)
+    changes = log.state()
+    if changes:  # the API's last word on an id wins: a takedown stays down, a replaced image stays replaced
+        rows = rows[~rows["image_id"].isin(list(changes))].reset_index(drop=True)
+    if len(rows) == 0 and not any(c.op == "add" for c in changes.values()):
         raise IlrError(f"dataset {version.ref} has no index images")
-    store = LocalFeatureStore(store_dir(name))
-    store.set_meta(model=model_ref, dataset=version.ref, dataset_name=version.name,
-                   dataset_version=version.version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    index = VectorIndex(client.result(), name)
-    todo = rows[~rows["image_id"].map(store.__contains__)].reset_index(drop=True)
-    engine, why = choose_engine(engine or cfg.engine, len(todo))
-    log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}"
-           f" ({engine}: {why})")
-    created = index.client.has_collection(name)
-    batches = (_extract_ray(todo, folder, model, ecfg, cfg.chunk, ilr_home() / "cache" / "extract-models" / name)
-               if engine == "ray" and len(todo)
-               else _extract_local(todo, folder, model, ecfg, cfg.chunk))
-    done = 0
-    # resuming after a crash between the Milvus insert and the local store: those rows are in Milvus already
-    in_milvus = index.existing(list(todo["image_id"])) if created and len(todo) else set()
-    for part in batches:
-        if not created:
-            index.create(len(part[0][3]), cfg)
-            created = True
-        index.insert([{"image_id": i, "label": lab, "domain": dom, "vector": g.tolist()}
-                      for i, lab, dom, g, *_ in part if i not in in_milvus])
-        for i, _, _, g, kp, desc, size in part:  # after Milvus: a stored image is fully indexed
-            store.add_packed(i, kp, desc, g, size)
-        done += len(part)
-        progress and progress(done, len(todo))
-    if created:
-        index.seal()
-    ids, vectors = store.global_vectors()
-    recall = recall_at_k(index, ids, vectors, cfg.recall_k, cfg.recall_queries, cfg.ef_search)
-    moved = False
-    if recall < cfg.min_recall:
-        log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} < {cfg.min_recall}: {cfg.alias} not moved")
-    elif swap:
-        index.point_alias(cfg.alias)
-        moved = True
-        log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} >= {cfg.min_recall}: {cfg.alias} -> {name}")
-    store.set_meta(recall=f"{recall:.4f}", count=len(ids))
-    store.close()
-    return BuildResult(name, len(todo), len(rows) - len(todo), len(ids), recall, moved, model_ref,
-                       time.perf_counter() - t0)
+    with collection_lock(name, log_fn):  # two builds of one collection would insert every row twice
+        store = LocalFeatureStore(store_dir(name))
+        store.set_meta(model=model_ref, dataset=version.ref, dataset_name=version.name,
+                       dataset_version=version.version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        index = VectorIndex(client.result(), name)
+        todo = rows[~rows["image_id"].map(store.__contains__)].reset_index(drop=True)
+        engine, why = choose_engine(engine or cfg.engine, len(todo))
+        log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}"
+               f" ({engine}: {why})")
+        created = index.client.has_collection(name)
+        batches = (_extract_ray(todo, folder, model, ecfg, cfg.chunk, ilr_home() / "cache" / "extract-models" / name)
+                   if engine == "ray" and len(todo)
+                   else _extract_local(todo, folder, model, ecfg, cfg.chunk))
+        done = 0
+        # resuming after a crash between the Milvus insert and the local store: those rows are in Milvus already
+        in_milvus = index.existing(list(todo["image_id"])) if created and len(todo) else set()
+        for part in batches:
+            if not created:
+                index.create(len(part[0][3]), cfg)
+                created = True
+            index.insert([{"image_id": i, "label": lab, "domain": dom, "vector": g.tolist()}
+                          for i, lab, dom, g, *_ in part if i not in in_milvus])
+            for i, _, _, g, kp, desc, size in part:  # after Milvus: a stored image is fully indexed
+                store.add_packed(i, kp, desc, g, size)
+            done += len(part)
+            progress and progress(done, len(todo))
+        replayed = replay_changes(log, index, store, model, ecfg, cfg)
+        if any(replayed):
+            log_fn(f"API changes replayed: {replayed[0]} added, {replayed[1]} deleted")
+        if index.client.has_collection(name):
+            index.seal()
+        ids, vectors = store.global_vectors()
+        recall = recall_at_k(index, ids, vectors, cfg.recall_k, cfg.recall_queries, cfg.ef_search)
+        moved = False
+        if recall < cfg.min_recall:
+            log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} < {cfg.min_recall}: {cfg.alias} not moved")
+        elif swap:
+            index.point_alias(cfg.alias)
+            moved = True
+            log_fn(f"ANN recall@{min(cfg.recall_k, len(ids))} {recall:.4f} >= {cfg.min_recall}: {cfg.alias} -> {name}")
+            # changes the API logged while this build ran went to the collection that was live then: once the
+            # alias has moved, the service re-checks it after each change, so one more replay closes the gap
+            late = replay_changes(log, index, store, model, ecfg, cfg)
+            if any(late):
+                log_fn(f"API changes made during the build replayed: {late[0]} added, {late[1]} deleted")
+            ids = store.ids()
+        log.close()
+        store.set_meta(recall=f"{recall:.4f}", count=len(ids))
+        store.close()
+        return BuildResult(name, len(todo), len(rows) - len(todo), len(ids), recall, moved, model_ref,
+                           time.perf_counter() - t0)

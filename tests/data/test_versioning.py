@@ -1,4 +1,5 @@
 """Ingest -> validate (real Great Expectations) -> version (real DVC in a temporary git repo)."""
+import hashlib
 import shutil
 import subprocess
 
@@ -53,9 +54,17 @@ def test_ingest_versions_and_checkout(workspace, tiny_synthetic, tmp_path):
     assert versions("syn")[1].counts["split/index"] == v1.counts["split/index"] - 1
     _, folder = checkout("syn@v1")
     assert len(manifest.read(folder)) == len(manifest.read(tiny_synthetic))
-    # dataset_dir() materialises whichever version is asked for
+    # dataset_dir() materialises whichever version is asked for, in a folder of its own
     _, folder = dataset_dir("syn@v2")
     assert len(manifest.read(folder)) == len(df)
+    # a v1 checkout (the CLI's, or a canary's dataset_dir) while a build reads v2 cannot change v2's images
+    digest = lambda root: {p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()  # noqa: E731
+                           for p in sorted(root.rglob("*")) if p.is_file()}
+    before = digest(folder)
+    _, v1_folder = dataset_dir("syn@v1")
+    checkout("syn@v1")
+    assert v1_folder != folder and digest(folder) == before
+    assert len(manifest.read(v1_folder)) == len(manifest.read(tiny_synthetic))
     # the payload can be restored from the remote alone (a fresh clone's situation)
     shutil.rmtree(workspace / ".dvc" / "cache")
     shutil.rmtree(folder)

@@ -149,7 +149,7 @@ def test_resume_gives_way_to_a_fresh_search_when_state_is_unusable(tmp_path):
 @pytest.mark.integration
 def test_store_dir_from_params_is_where_datasets_are_found(workspace, tmp_path, monkeypatch):
     from data import manifest
-    from data.versioning import dataset_dir
+    from data.versioning import dataset_dir, snapshot_root
 
     _params(tmp_path, monkeypatch, data={"store_dir": "elsewhere/store"})
     src = tmp_path / "photos"
@@ -160,6 +160,7 @@ def test_store_dir_from_params_is_where_datasets_are_found(workspace, tmp_path, 
     assert out.exit_code == 0, out.output
     assert (workspace / "elsewhere" / "store" / "photos.dvc").exists()
     version, folder = dataset_dir("photos")  # before: looked in data/store (DataConfig() defaults)
-    assert version.ref == "photos@v1" and folder == workspace / "elsewhere" / "store" / "photos"
+    assert version.ref == "photos@v1" and (workspace / "elsewhere" / "store" / "photos" / manifest.MANIFEST).exists()
+    assert folder.parent == snapshot_root() / "photos"  # readers get this version's own snapshot of it
     assert len(manifest.read(folder)) == 6
     assert os.environ["ILR_REPO"] == str(workspace)

@@ -95,3 +95,44 @@ def test_store_recovers_from_an_interrupted_append(tmp_path):
     reopened.add("b", f)
     kp, desc = reopened.get("b")
     assert np.abs(kp - f.keypoints).max() <= 0.5 and np.abs((desc * d).sum(1) - 1).max() < 5e-3
+
+
+_WRITER = """
+import sys, numpy as np
+from models.extract import Features
+from serving.index import LocalFeatureStore
+store = LocalFeatureStore(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    rng = np.random.default_rng(i)
+    n = 20 + i % 7
+    d = rng.normal(size=(n, 8)).astype(np.float32)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    store.add(f"img{i}", Features(np.full(4, 0.5, np.float32), rng.uniform(0, 500, (n, 2)).astype(np.float32), d,
+                                  np.ones(n), np.ones(n), (640, 480)))
+"""
+
+
+def test_a_reader_opening_the_store_never_truncates_a_writer(tmp_path):
+    """The monitor opens the live store while the service adds to it (another process): opening the store
+    trims only a dead writer's bytes, never those of a writer between its append and its commit."""
+    import subprocess
+    import sys
+
+    folder, n = tmp_path / "s", 300
+    LocalFeatureStore(folder).close()
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(folder), str(n)])
+    opened = 0
+    while writer.poll() is None or opened == 0:
+        LocalFeatureStore(folder).close()
+        opened += 1
+    assert writer.returncode == 0
+    store = LocalFeatureStore(folder)
+    assert store.count() == n and opened > 1
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        k = 20 + i % 7
+        d = rng.normal(size=(k, 8)).astype(np.float32)
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        kp, desc = store.get(f"img{i}")
+        assert np.abs(kp - rng.uniform(0, 500, (k, 2)).astype(np.float32)).max() <= 0.5, i  # same draws, same order as the writer
+        assert np.abs((desc * d).sum(1) - 1).max() < 5e-3, i
