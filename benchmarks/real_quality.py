@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -59,7 +58,9 @@ def folder_suite(root: Path) -> tuple[list[Path], np.ndarray]:
 def pkg_photos() -> Path:
     from data.photos import build
 
-    out = Path(tempfile.gettempdir()) / "ilr-bench" / "pkg-photos"
+    from benchmarks.common import CACHE
+
+    out = CACHE / "pkg-photos"
     if not out.exists():
         build(out)
     return out

@@ -21,14 +21,16 @@ DEFAULT_MODEL_NAME = "ilr-delg"   # registered model name unless ILR_MODEL_NAME 
 # The workspace settings every process of one run must agree on. The driver resolves them (worker_env) and
 # hands exactly these to every worker it starts: Ray Tune trials, Ray Data actors, Serve replicas, and the
 # background processes (service, retrain). Nothing in a worker resolves them from its current directory.
-WORKSPACE_ENV = ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "MILVUS_URI", "ILR_MODEL_NAME",
-                 "ILR_API_TOKEN")
+WORKSPACE_ENV = ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "MILVUS_URI", "MILVUS_TOKEN",
+                 "ILR_MODEL_NAME", "ILR_API_TOKEN")
 
 
 def ilr_home() -> Path:
     """Runtime state (MLflow DB, Milvus data, Prefect home, DVC remote, GX context): $ILR_HOME or ./.ilr."""
     home = Path(os.environ.get("ILR_HOME", ".ilr")).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    if not home.is_dir():  # private: it holds the API token, the Prefect password and every store
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        home.chmod(0o700)
     return home
 
 

@@ -23,6 +23,10 @@ class ImageError(IlrError):
     """An image cannot be used: missing, not an image, corrupt, truncated, too large or too small."""
 
 
+class ImageTooLarge(ImageError):
+    """More pixels (or bytes) than allowed: the service answers 413, not 422."""
+
+
 class ValidationFailed(IlrError):
     """Great Expectations validation failed; `summary` lists each failing expectation."""
 

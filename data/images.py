@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from data.errors import ImageError
+from data.errors import ImageError, ImageTooLarge
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")  # nothing that shells out (EPS)
@@ -38,7 +38,7 @@ def _open(data: bytes, where: str, max_pixels: int, info: ImageInfo | None = Non
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=list(OPEN_FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image too large (decompression bomb guard): {e}", where) from None
+        raise ImageTooLarge(f"image too large (decompression bomb guard): {e}", where) from None
     except Exception:
         raise ImageError("not an image, or a format that cannot be read (expected JPEG/PNG/WebP/BMP/TIFF/GIF)",
                          where) from None
@@ -46,7 +46,7 @@ def _open(data: bytes, where: str, max_pixels: int, info: ImageInfo | None = Non
     if info is not None:
         info.width, info.height, info.format = w, h, img.format or ""
     if w * h > max_pixels:
-        raise ImageError(f"image too large: {w}x{h} = {w * h / 1e6:.1f} megapixels "
+        raise ImageTooLarge(f"image too large: {w}x{h} = {w * h / 1e6:.1f} megapixels "
                          f"(limit {max_pixels / 1e6:.0f} MP)", where)
     return img
 
@@ -85,6 +85,23 @@ def decode(data: bytes, where: str = "image", max_pixels: int = 40_000_000,
         msg = str(e) or type(e).__name__
         kind = "truncated" if "truncat" in msg.lower() else "corrupt"
         raise ImageError(f"{kind} image data ({msg})", where) from None
+
+
+def decode_scaled(data: bytes, where: str, max_side: int, max_pixels: int = 40_000_000,
+                  min_side_px: int = 32) -> tuple[np.ndarray, tuple[int, int]]:
+    """(RGB uint8 array with its longest side at most about 2 x max_side, original upright (width, height)).
+    What a query needs, without the full-size copy: a JPEG decodes at a reduced DCT scale (draft), others
+    are box-reduced by an integer factor right after decoding. The extractor resizes to its own input size
+    anyway (INTER_AREA), so box-reducing first changes what it sees very little."""
+    img = _open(data, where, max_pixels)
+    w, h = img.size
+    if _exif_swaps(img):
+        w, h = h, w
+    img = decode(data, where, max_pixels=max_pixels, min_side_px=min_side_px, draft_px=max_side)
+    factor = max(img.size) // max(1, max_side)
+    if factor >= 2:
+        img = img.reduce(factor)
+    return np.asarray(img), (w, h)
 
 
 def load_rgb(path: Path | str, max_pixels: int = 40_000_000, min_side_px: int = 1) -> np.ndarray:

@@ -420,11 +420,13 @@ def query_cmd(image: Path = typer.Argument(..., help="query image file"),
     except Exception as e:  # connection refused and the like
         err.print(f"[bold red]error:[/] cannot reach the service: {e}\n  hint: start it with `ilr serve --background`")
         raise typer.Exit(2)
-    table = Table(title=f"{image.name}: model {res['model']}, index {res['index']}")
+    from rich.markup import escape  # labels and ids come from the service: text, never markup
+
+    table = Table(title=escape(f"{image.name}: model {res['model']}, index {res['index']}"))
     for col in ("rank", "image_id", "label", "global", "inliers", "score"):
         table.add_column(col, justify="right" if col in ("rank", "global", "inliers", "score") else "left")
     for r in res["results"]:
-        table.add_row(str(r["rank"]), r["image_id"], r["label"], f"{r['global_score']:.3f}",
+        table.add_row(str(r["rank"]), escape(str(r["image_id"])), escape(str(r["label"])), f"{r['global_score']:.3f}",
                       "-" if r["inliers"] is None else str(r["inliers"]), f"{r['score']:.3f}")
     console.print(table)
     console.print("timings (ms): " + ", ".join(f"{k[:-3]} {v:.0f}" for k, v in res["timings_ms"].items()))
@@ -480,13 +482,9 @@ def retrain_cmd(dataset: str = typer.Option(None, help="NAME[@VERSION] (default:
 
     try:
         dataset = pipeline_config(dataset=dataset).dataset
-        with lifecycle.retrain_lock():
-            if record:
-                lifecycle.fire_retrain("ilr.retrain.manual", reason, dataset, mode="record")
-            res = lifecycle.retrain(dataset, reason=reason, trials=trials, steps=steps)
-    except lifecycle.RetrainRunning as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(3)
+        if record:
+            lifecycle.fire_retrain("ilr.retrain.manual", reason, dataset, mode="record")
+        res = lifecycle.retrain(dataset, reason=reason, trials=trials, steps=steps)  # one at a time: it waits
     except IlrError as e:
         _fail(e)
     g = res["gate"]

@@ -96,6 +96,20 @@ def load(alias_or_version: str = "champion", device: str = "cpu") -> tuple[DELG,
     return artifacts.load(model_dir(ref), device), ref
 
 
+def check_model_uri(model_uri: str) -> str:
+    """Models come from this workspace: its registry (`models:/...`), its tracking server's runs (`runs:/...`)
+    or a local folder. Any other scheme (http, s3, a `models:/` on another server...) is refused, so a flow
+    parameter cannot make the service load weights from elsewhere."""
+    import re
+
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", model_uri)
+    if scheme and not (model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri):
+        raise IlrError(f"model {model_uri!r}: only this workspace's registry is used",
+                       hint="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH, off-the-shelf or a local "
+                            "folder")
+    return model_uri
+
+
 def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
     """A model and where it came from. None -> the current champion as `models:/NAME/<version>` (a
     concrete version, so callers can tell models apart), else the off-the-shelf ImageNet model;
@@ -107,6 +121,7 @@ def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
         model_uri = f"models:/{model_name()}/{version}"
     if model_uri == "off-the-shelf":
         return artifacts.off_the_shelf().to(device), "off-the-shelf"
+    check_model_uri(model_uri)
     if Path(model_uri).exists():
         return artifacts.load(Path(model_uri), device), str(model_uri)
     return artifacts.load(model_dir(model_uri), device), model_uri

@@ -135,7 +135,7 @@ table{{border-collapse:collapse;font-size:13px}} td{{border-top:1px solid #eee;p
 <h2 style="font-size:15px">Service counters (/metrics)</h2><div style="font-size:13px">{counters}</div>
 <h2 style="font-size:15px">Retrain triggers</h2><table>{ev}</table>
 <p style="font-size:12px;color:#777">generated {time.strftime('%Y-%m-%d %H:%M:%S')} · refreshes every 30 s ·
-data in {html.escape(str(store.path))}</p></body></html>"""
+data in $ILR_HOME/{html.escape(store.path.name)}</p></body></html>"""
 
 
 def _scrape(url: str) -> tuple[dict | None, dict]:

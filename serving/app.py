@@ -149,29 +149,25 @@ class SearcherWorker:
     def exists(self, collection: str, image_id: str) -> bool:
         return image_id in self._store(collection)
 
-    def add(self, collection: str, image_id: str, label: str, domain: str, feats: dict) -> None:
+    def add(self, collection: str, image_id: str, label: str, domain: str, feats: dict) -> bool:
+        """Add unless the collection has the id (checked and added under the store's write lock, so a retried
+        or concurrent add never inserts twice); False when it was there."""
         from models.extract import Features, pack_local
+        from serving.index import store_new
 
-        store = self._store(collection)
         f = Features(feats["global"], feats["keypoints"], feats["descriptors"], np.zeros(0), np.zeros(0),
                      feats["size"])
-        kp, desc = pack_local(f)
-        self._index(collection).insert([{"image_id": image_id, "label": label, "domain": domain,
-                                                       "vector": f.global_desc.tolist()}])
-        store.add_packed(image_id, kp, desc, f.global_desc, f.size)
+        return store_new(self._index(collection), self._store(collection), image_id, label, domain,
+                         f.global_desc, *pack_local(f), f.size, self.icfg)
 
     def delete(self, collection: str, image_id: str) -> bool:
-        store = self._store(collection)
-        if image_id not in store:
-            return False
-        self._index(collection).delete([image_id])
-        return store.delete(image_id)
+        from serving.index import remove
+
+        return remove(self._index(collection), self._store(collection), image_id)
 
     def index_sample(self, collection: str, n: int) -> np.ndarray:
-        _, vectors = self._store(collection).global_vectors()
-        if len(vectors) > n:
-            vectors = vectors[np.random.default_rng(0).choice(len(vectors), n, replace=False)]
-        return vectors
+        """Up to n stored global vectors, a fixed sample: only those n rows are read."""
+        return self._store(collection).sample_vectors(n)
 
 
 class RerankerWorker:
@@ -227,7 +223,7 @@ def _metrics():
     }
 
 
-def make_api():
+def make_api(cfg: ServeConfig | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -244,6 +240,18 @@ def make_api():
     async def _api_error(_, e: ApiError):
         return err(e.status, e.code, e.message)
 
+    @api.middleware("http")
+    async def _guard(request, call_next):
+        if cfg is not None and not host_allowed(request.headers.get("host", ""), cfg):
+            response = err(421, "misdirected_request", "this Host is not served here (serve.allowed_hosts)")
+        else:
+            response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_, e: StarletteHTTPException):
         return err(e.status_code, "http_error", str(e.detail))
@@ -255,7 +263,17 @@ def make_api():
     return api
 
 
-async def read_body(request, limit: int) -> bytes:
+async def read_body(request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, or 413 past `limit` bytes, or 408 when it has not all arrived within `timeout_s` (a
+    slow upload must not hold a slot of the Ingress for ever)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
+
+
+async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -295,7 +313,7 @@ def _as_int(v, name: str) -> int:
 
 async def parse_image_request(request, cfg: ServeConfig) -> tuple[bytes, dict]:
     """(image bytes, other fields) from multipart (field `image`) or JSON ({"image_base64": ...})."""
-    body = await read_body(request, int(cfg.max_body_mb * 1e6))
+    body = await read_body(request, int(cfg.max_body_mb * 1e6), cfg.body_timeout_s)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict = dict(request.query_params)
     if ctype == "multipart/form-data":
@@ -313,6 +331,8 @@ async def parse_image_request(request, cfg: ServeConfig) -> tuple[bytes, dict]:
             payload = json.loads(body or b"null")
         except ValueError as e:
             raise ApiError(400, "bad_json", f"body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "bad_json", "body is not valid JSON: nested too deeply") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("image_base64"), str):
             raise ApiError(422, "missing_image", "JSON body needs a string field `image_base64`")
         try:
@@ -329,13 +349,40 @@ async def parse_image_request(request, cfg: ServeConfig) -> tuple[bytes, dict]:
     return data, fields
 
 
-def decode_image(data: bytes, cfg: ServeConfig) -> np.ndarray:
-    from data.images import decode
+def decode_image(data: bytes, cfg: ServeConfig, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(the image reduced to about what the extractor uses, original (width, height)): a 40 MP upload is
+    never shipped whole to the Extractor."""
+    from data.errors import ImageTooLarge
+    from data.images import decode_scaled
 
     try:
-        return np.asarray(decode(data, "image", max_pixels=cfg.max_pixels, min_side_px=cfg.min_side_px))
+        return decode_scaled(data, "image", max_side, max_pixels=cfg.max_pixels, min_side_px=cfg.min_side_px)
     except IlrError as e:
-        raise ApiError(413 if "too large" in e.what else 422, "bad_image", e.what) from None
+        raise ApiError(413 if isinstance(e, ImageTooLarge) else 422, "bad_image", e.what) from None
+
+
+def bearer_ok(header: str, token: str) -> bool:
+    """Authorization header `Bearer <token>`, compared in constant time on bytes (any header text, non-ASCII
+    included, is a plain mismatch, not an error); an empty token never matches."""
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return hmac.compare_digest(given.strip(" \t").encode("utf-8", "surrogateescape"), token.encode())
+
+
+def host_allowed(host_header: str, cfg: ServeConfig) -> bool:
+    """DNS rebinding guard: a page on another origin that resolves its name to 127.0.0.1 sends its own
+    Host. Bound to loopback, only loopback names are answered; `serve.allowed_hosts` widens it."""
+    allowed = set(cfg.allowed_hosts)
+    if not allowed:
+        if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+            return True  # bound to a routable address on purpose: the operator fronts it (allowed_hosts to pin)
+        allowed = {"127.0.0.1", "localhost", "[::1]", "::1"}
+    if "*" in allowed:
+        return True
+    host = host_header.strip().lower()
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") and "]:" in host else host
+    return name in allowed
 
 
 def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
@@ -344,7 +391,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
 
     cfg = cfg or serve_config()
     env = env or current_env()
-    api = make_api()
+    api = make_api(cfg)
     body_doc = {"requestBody": {"content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "maximum": cfg.max_top_k},
@@ -362,13 +409,20 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
     Searcher = serve.deployment(SearcherWorker, name="Searcher", ray_actor_options=opts, max_ongoing_requests=64)
     Reranker = serve.deployment(RerankerWorker, name="Reranker", ray_actor_options=opts, max_ongoing_requests=16)
 
-    @serve.deployment(name="Ingress", ray_actor_options=opts, max_ongoing_requests=64)
+    # the Ingress mostly waits (bodies, other stages): many requests at once are cheap there, and slow
+    # uploads then cannot take every slot; the expensive part (decoding) has its own cap
+    @serve.deployment(name="Ingress", ray_actor_options=opts, max_ongoing_requests=cfg.ingress_max_ongoing,
+                      max_queued_requests=cfg.max_queued_requests)
     @serve.ingress(api)
     class Ingress:
         def __init__(self, extractor, searcher, reranker, env: dict, cfg: ServeConfig):
             apply_worker_env(env)
             self.extractor, self.searcher, self.reranker, self.cfg = extractor, searcher, reranker, cfg
             self.token = api_token()
+            self.decodes = asyncio.Semaphore(max(1, cfg.max_decodes))
+            from models.config import extract_config
+
+            self.ship_side = extract_config().max_side_px  # the Extractor gets the image at about its own size
             self.registry, self.m = _metrics()
             self.state: dict | None = None
             self.checked = 0.0
@@ -383,7 +437,7 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             if time.monotonic() - self.checked > self.cfg.poll_s:
                 async with self.lock:
                     if time.monotonic() - self.checked > self.cfg.poll_s:
-                        state = await self.searcher.live.remote()
+                        state = await self._call(self.searcher.live)
                         if state and (self.state is None or state["collection"] != self.state["collection"]):
                             await self._warm(state)  # model loaded and collection searched before switching
                             if self.state is not None:
@@ -398,26 +452,49 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
             return self.state
 
         async def _warm(self, state: dict) -> None:
-            await self.extractor.load.remote(state["model"])
+            await self._call(self.extractor.load, state["model"])
             probe = np.random.default_rng(0).integers(0, 255, (320, 320, 3), dtype=np.uint8)
-            q = await self.extractor.extract.remote((state["model"], probe))
-            hits = await self.searcher.search.remote(state["collection"], q["global"], self.candidates)
-            await self.reranker.rerank.remote(state["collection"], q, hits)
+            q = await self._call(self.extractor.extract, (state["model"], probe))
+            hits = await self._call(self.searcher.search, state["collection"], q["global"], self.candidates)
+            await self._call(self.reranker.rerank, state["collection"], q, hits)
+
+        async def _call(self, method, *args):
+            """One stage call. Every stage is idempotent (extract, search and re-rank read; add checks before
+            it writes; delete of a deleted id is a no-op), so when the replica dies under the call it is
+            retried on the replica Serve starts in its place, for up to `stage_retry_s`."""
+            from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+            deadline, pause = time.monotonic() + self.cfg.stage_retry_s, 0.2
+            while True:
+                try:
+                    return await method.remote(*args)
+                except (RayActorError, ActorDiedError, ActorUnavailableError):
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(2.0, pause * 2)
 
         def _auth(self, request: Request) -> None:
-            got = request.headers.get("authorization", "")
-            if not got.lower().startswith("bearer ") or not hmac.compare_digest(got[7:].strip(), self.token):
+            if not bearer_ok(request.headers.get("authorization", ""), self.token):
                 raise ApiError(401, "unauthorized", "this endpoint needs `Authorization: Bearer <token>` "
                                                     "(ILR_API_TOKEN or $ILR_HOME/api-token)")
 
-        async def _features(self, data: bytes, state: dict, timings: dict) -> dict:
+        async def _decode(self, data: bytes, timings: dict) -> tuple[np.ndarray, tuple[int, int]]:
             t = time.perf_counter()
-            image = await asyncio.to_thread(decode_image, data, self.cfg)
+            async with self.decodes:  # at most max_decodes full-size images in memory at once
+                out = await asyncio.to_thread(decode_image, data, self.cfg, self.ship_side)
             timings["decode_ms"] = (time.perf_counter() - t) * 1000
+            return out
+
+        async def _features(self, image: np.ndarray, size: tuple[int, int], state: dict, timings: dict) -> dict:
             t = time.perf_counter()
-            q = await self.extractor.extract.remote((state["model"], image))
+            q = await self._call(self.extractor.extract, (state["model"], image))
             timings["extract_ms"] = (time.perf_counter() - t) * 1000
             timings["extract_compute_ms"] = q.pop("compute_ms")  # the rest of extract_ms is queueing and transfer
+            h, w = image.shape[:2]
+            if (w, h) != tuple(size):  # keypoints in the original image's pixels, like the index's
+                q["keypoints"] = q["keypoints"] * np.array([size[0] / w, size[1] / h], np.float32)
+                q["size"] = tuple(size)
             return q
 
         async def _search(self, request: Request) -> dict:
@@ -429,17 +506,18 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
                 raise ApiError(422, "invalid_parameter", f"top_k must be between 1 and {self.cfg.max_top_k}, "
                                                          f"got {top_k}")
             rerank = _as_bool(fields.get("rerank", True), "rerank")
+            image, size = await self._decode(data, timings)
             state = await self._live()
-            q = await self._features(data, state, timings)
+            q = await self._features(image, size, state, timings)
             # a copy: the 2 KB view would keep the whole deserialised feature payload (~230 KB) alive
             self.recent.append(np.array(q["global"], dtype=np.float32, copy=True))
             t = time.perf_counter()
-            hits = await self.searcher.search.remote(state["collection"], q["global"],
-                                                     max(top_k, self.candidates) if rerank else top_k)
+            hits = await self._call(self.searcher.search, state["collection"], q["global"],
+                                    max(top_k, self.candidates) if rerank else top_k)
             timings["search_ms"] = (time.perf_counter() - t) * 1000
             if rerank and hits:
                 t = time.perf_counter()
-                reranked = await self.reranker.rerank.remote(state["collection"], q, hits)
+                reranked = await self._call(self.reranker.rerank, state["collection"], q, hits)
                 timings["rerank_ms"] = (time.perf_counter() - t) * 1000
                 hits, timings["rerank_compute_ms"] = reranked["hits"], reranked["compute_ms"]
             else:
@@ -498,10 +576,33 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
                         "best": top, "model": res["model"], "index": res["index"], "timings_ms": res["timings_ms"]}
             return await self._measure("recognize", run())
 
+        async def _change_log(self, state: dict):
+            from serving.changes import ChangeLog
+
+            name = state.get("dataset_name") or str(state.get("dataset", "")).partition("@")[0]
+            if not name:
+                raise ApiError(503, "no_dataset", f"the live index {state['collection']} records no dataset")
+            return await asyncio.to_thread(ChangeLog, name)
+
+        async def _on_live(self, state: dict, apply) -> dict:
+            """Apply a change to the live collection, then re-read the alias: when a swap moved it meanwhile,
+            apply it there too (the build replays the change log once more after its swap, so together no
+            change is lost in the gap). Returns the state the change landed in."""
+            for _ in range(5):
+                await apply(state)
+                fresh = await self._call(self.searcher.live)
+                if not fresh or fresh["collection"] == state["collection"]:
+                    return state
+                state = fresh
+            return state
+
         @api.post("/v1/index/images", status_code=201, openapi_extra=add_doc, summary="Add an image to the live index")
         async def add_image(self, request: Request):
             async def run():
                 from data.manifest import check_image_id
+                from fastapi.responses import JSONResponse
+
+                from serving.changes import Conflict
 
                 self._auth(request)
                 data, fields = await parse_image_request(request, self.cfg)
@@ -511,22 +612,54 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
                     raise ApiError(422, "bad_image_id", e.what) from None
                 label = str(fields.get("label") or "__none__")[:256]
                 domain = str(fields.get("domain") or "other")[:32]
+                image, size = await self._decode(data, {})  # a bad image is refused before anything is logged
                 state = await self._live()
-                if await self.searcher.exists.remote(state["collection"], image_id):
-                    raise ApiError(409, "duplicate_id", f"image_id {image_id!r} is already in the index "
-                                                        f"(DELETE it first to replace it)")
-                q = await self._features(data, state, {})
-                await self.searcher.add.remote(state["collection"], image_id, label, domain, q)
-                return {"image_id": image_id, "label": label, "domain": domain, "index": state["collection"]}
+                log = await self._change_log(state)
+                try:
+                    last = await asyncio.to_thread(log.last, image_id)
+                    retried = last is not None and last.op == "add"
+                    if not retried and await self._call(self.searcher.exists, state["collection"], image_id):
+                        raise ApiError(409, "duplicate_id", f"image_id {image_id!r} is already in the index "
+                                                            f"(DELETE it first to replace it)")
+                    try:  # written ahead: every later build replays it
+                        _, new = await asyncio.to_thread(log.record_add, image_id, label, domain, data)
+                    except Conflict as e:
+                        raise ApiError(409, "duplicate_id", f"{e} (DELETE it first to replace it)") from None
+                finally:
+                    log.close()
+
+                async def apply(st: dict) -> None:
+                    q = await self._features(image, size, st, {})
+                    await self._call(self.searcher.add, st["collection"], image_id, label, domain, q)
+
+                state = await self._on_live(state, apply)
+                body = {"image_id": image_id, "label": label, "domain": domain, "index": state["collection"]}
+                return body if new else JSONResponse(body, status_code=200)  # a retried add: already there
             return await self._measure("index_add", run())
 
         @api.delete("/v1/index/images/{image_id}", summary="Remove an image from the live index")
         async def delete_image(self, image_id: str, request: Request):
             async def run():
+                from data.manifest import check_image_id
+
                 self._auth(request)
+                try:
+                    check_image_id(image_id, "image_id")
+                except IlrError as e:
+                    raise ApiError(422, "bad_image_id", e.what) from None
                 state = await self._live()
-                if not await self.searcher.delete.remote(state["collection"], image_id):
+                if not await self._call(self.searcher.exists, state["collection"], image_id):
                     raise ApiError(404, "not_found", f"image_id {image_id!r} is not in the live index")
+                log = await self._change_log(state)
+                try:
+                    await asyncio.to_thread(log.record_delete, image_id)  # a takedown survives every rebuild
+                finally:
+                    log.close()
+
+                async def apply(st: dict) -> None:
+                    await self._call(self.searcher.delete, st["collection"], image_id)
+
+                state = await self._on_live(state, apply)
                 return {"deleted": image_id, "index": state["collection"]}
             return await self._measure("index_delete", run())
 
@@ -555,8 +688,10 @@ def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
         @api.get("/v1/monitoring/embeddings", summary="Recent query descriptors and an index sample (for drift)")
         async def embeddings(self, request: Request, n: int = 500):
             self._auth(request)
+            if not 1 <= n <= self.cfg.max_embeddings:
+                raise ApiError(422, "invalid_parameter", f"n must be between 1 and {self.cfg.max_embeddings}, got {n}")
             state = await self._live()
-            sample = await self.searcher.index_sample.remote(state["collection"], n)
+            sample = await self._call(self.searcher.index_sample, state["collection"], n)
             dim = sample.shape[1] if sample.ndim == 2 else None
             recent = [v for v in list(self.recent)[-n:] if dim is None or len(v) == dim]
             return {"index": state["collection"], "queries": [v.round(5).tolist() for v in recent],

@@ -7,6 +7,33 @@ from pathlib import Path
 from data.errors import IlrError
 
 
+def _norm(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url.rstrip("/"))
+    host = "127.0.0.1" if u.hostname in ("localhost", "127.0.0.1", "::1") else (u.hostname or "")
+    return f"{u.scheme}://{host}:{u.port or (443 if u.scheme == 'https' else 80)}{u.path}"
+
+
+def configured_urls() -> set[str]:
+    """The service URLs this workspace trusts with its token and its images: ILR_URL, the URL params.yaml's
+    serve section gives, and the one the running service recorded."""
+    from serving.config import serve_config
+    from serving.service import running, url_of
+
+    urls = {url_of(serve_config())}
+    if os.environ.get("ILR_URL"):
+        urls.add(os.environ["ILR_URL"])
+    st = running()
+    if st:
+        urls.add(st["url"])
+    return {_norm(u) for u in urls}
+
+
+def is_configured(url: str) -> bool:
+    return _norm(url) in configured_urls()
+
+
 class ServiceError(IlrError):
     def __init__(self, status: int, code: str, message: str):
         self.status, self.code = status, code
@@ -52,7 +79,12 @@ class Client:
     def _auth(self) -> dict:
         from serving.config import api_token
 
-        return {"Authorization": f"Bearer {self.token or api_token()}"}
+        if self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        if not is_configured(self.url):  # this workspace's token goes only to this workspace's service
+            raise IlrError(f"not sending this workspace's API token to {self.url}: it is not the configured service",
+                           hint="set ILR_URL to that URL (or serve.host/port in params.yaml), or pass a token")
+        return {"Authorization": f"Bearer {api_token()}"}
 
     def add(self, image, image_id: str, label: str | None = None, domain: str | None = None) -> dict:
         name, data = self._image(image)

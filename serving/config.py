@@ -26,7 +26,16 @@ class ServeConfig:
     num_cpus: float = 0.25              # per replica: 4 deployments fit on 2 cores (facts.md)
     extractor_gpus: float = 0.0         # > 0 on clusters with GPUs
     recent_embeddings: int = 1000       # query descriptors kept for drift monitoring
+    max_embeddings: int = 2000          # most vectors /v1/monitoring/embeddings returns per list
     app_name: str = "ilr"
+    # hardening: a cheap request must not exhaust the service
+    allowed_hosts: tuple[str, ...] = ()  # Host headers accepted; () = loopback names when bound to loopback, else any
+    max_decodes: int = 2                # image decodes at once in the Ingress (a 40 MP PNG is 120 MB decoded)
+    body_timeout_s: float = 20.0        # a request body must arrive within this (slow uploads get 408)
+    request_timeout_s: float = 120.0    # Serve's end-to-end limit per request
+    ingress_max_ongoing: int = 512      # requests the Ingress holds at once (mostly waiting on I/O: cheap)
+    max_queued_requests: int = 256      # beyond ongoing + queued, Serve answers 503 at once
+    stage_retry_s: float = 60.0         # a stage whose replica died is retried on its restarted replica this long
 
 
 @dataclass
@@ -51,14 +60,40 @@ def serve_config(**kw) -> ServeConfig:
     return from_params(ServeConfig, "serve", **kw)
 
 
+MIN_TOKEN_CHARS = 16
+
+
 def api_token() -> str:
-    """Bearer token of the write endpoints: ILR_API_TOKEN, else one generated once into $ILR_HOME/api-token."""
-    if os.environ.get("ILR_API_TOKEN"):
-        return os.environ["ILR_API_TOKEN"]
+    """Bearer token of the write endpoints: ILR_API_TOKEN, else one generated once into $ILR_HOME/api-token
+    (0600, written atomically). A blank or short token is refused, never used: an empty token would open
+    the write endpoints to anyone."""
+    token = os.environ.get("ILR_API_TOKEN")
+    if token is not None:
+        return _checked_token(token, "ILR_API_TOKEN")
     path = ilr_home() / "api-token"
+    if path.exists() and not path.read_text().strip():  # a crash or a full disk right after creating it
+        path.unlink()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = path.with_name(f".api-token.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a token another process wrote meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return _checked_token(path.read_text(), str(path))
+
+
+def _checked_token(token: str, where: str) -> str:
+    from data.errors import IlrError
+
+    token = token.strip()
+    if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+        raise IlrError(f"the API token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without "
+                       "spaces", where=where, hint="delete the file to get a new one, or set ILR_API_TOKEN")
+    return token

@@ -38,7 +38,7 @@ def service(tmp_path_factory, tiny_template):
     root = tmp_path_factory.mktemp("svc")
     copy_workspace(tiny_template, root)
     saved = {k: os.environ.get(k) for k in ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "ILR_API_TOKEN")}
-    os.environ.update(**workspace_env(root), ILR_API_TOKEN="test-token")
+    os.environ.update(**workspace_env(root), ILR_API_TOKEN="test-token-0123456789")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     milvus_server.ensure()
     build("tiny", log_fn=lambda *_: None, engine="local")
@@ -156,7 +156,7 @@ def test_image_variants_work(service):
 def test_index_add_delete_with_token(service):
     from serving.client import Client, ServiceError
 
-    client = Client(service["url"], token="test-token")
+    client = Client(service["url"], token="test-token-0123456789")
     q = _queries(service).iloc[1]
     before = client.health()["images"]
     added = client.add(service["folder"] / q["path"], "new-photo-1", label="my-label", domain="artwork")
@@ -170,7 +170,7 @@ def test_index_add_delete_with_token(service):
     assert dup.value.status == 409
     for bad in ("../etc/passwd", "a/b", ".hidden", "x" * 300):
         r = service["http"].post("/v1/index/images", files={"image": ("q.jpg", b"x")}, data={"image_id": bad},
-                                 headers={"Authorization": "Bearer test-token"})
+                                 headers={"Authorization": "Bearer test-token-0123456789"})
         assert r.status_code == 422, (bad, r.text)
     assert client.delete("new-photo-1")["deleted"] == "new-photo-1"
     with pytest.raises(ServiceError) as missing:
@@ -227,3 +227,81 @@ def test_promotion_and_index_swap_under_load_lose_no_request(service):
     assert models[0] == "off-the-shelf" and models[-1].endswith(f"/{version}")
     health = httpx.get(f"{service['url']}/healthz").json()
     assert health["champion_pending_index"] is False
+
+
+def test_bad_requests_get_4xx_not_500(service):
+    http, token = service["http"], "test-token-0123456789"
+    img = _img_bytes(Image.new("RGB", (64, 64), (90, 120, 30)), "PNG")
+    files = {"image": ("q.png", img)}
+    # a non-ASCII bearer is a plain mismatch; a bearer of one non-breaking space does not pass either
+    for auth in ("Bearer é".encode(), "Bearer \u00a0".encode(), b"Bearer", f"Bearer {token}x".encode()):
+        r = http.post("/v1/index/images", files=files, data={"image_id": "x1"}, headers={"Authorization": auth})
+        _assert_error(r, 401)
+    r = http.post("/v1/search", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    _assert_error(r, 400)  # nested too deeply: before, RecursionError -> 500
+    # DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own Host
+    r = http.get("/healthz", headers={"host": "attacker.example"})
+    _assert_error(r, 421)
+    assert http.get("/healthz", headers={"host": "localhost:1234"}).status_code == 200
+    r = http.get("/v1/monitoring/embeddings", params={"n": 10**9}, headers={"Authorization": f"Bearer {token}"})
+    _assert_error(r, 422)
+    r = http.get("/healthz")
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_api_changes_survive_a_new_champion_and_a_swap(service):
+    """Add and delete through the API, then a new champion's collection is built and swapped in while more
+    images are added: the added images are in the new collection, the deleted one is not."""
+    import mlflow
+
+    from models import registry, tracking
+    from models.artifacts import off_the_shelf
+    from serving.client import Client
+    from serving.index import LocalFeatureStore, build, store_dir
+
+    client = Client(service["url"], token="test-token-0123456789")
+    df, folder = service["df"], service["folder"]
+    q = _queries(service).iloc[2]
+    gone = df[df["split"] == "index"].iloc[0]["image_id"]
+    client.add(folder / q["path"], "api-added-1", label="api-label", domain="artwork")
+    again = service["http"].post("/v1/index/images", files={"image": ("q", (folder / q["path"]).read_bytes())},
+                                 data={"image_id": "api-added-1", "label": "api-label", "domain": "artwork"},
+                                 headers={"Authorization": "Bearer test-token-0123456789"})
+    assert again.status_code == 200, again.text  # a retried add is acknowledged, not duplicated
+    assert client.delete(gone)["deleted"] == gone
+    tracking.setup("tests")
+    with mlflow.start_run():
+        info = registry.log_model(off_the_shelf(), tracking.ilr_home() / "m" / "api-changes")
+    registry.promote(registry.register(info.model_uri, {"kind": "copy"}))
+    added, failures, building = [], [], threading.Event()
+    building.set()
+
+    def add_during_build():
+        i = 0
+        while building.is_set() and i < 40:  # bounded
+            try:
+                client.add(folder / q["path"], f"during-swap-{i}", label="swap")
+                added.append(f"during-swap-{i}")
+            except Exception as e:  # noqa: BLE001 - collected and asserted
+                failures.append(repr(e))
+            i += 1
+
+    adder = threading.Thread(target=add_during_build)
+    adder.start()
+    try:
+        res = build("tiny", log_fn=lambda *_: None, engine="local")
+    finally:
+        time.sleep(1.5)  # a few adds after the swap too
+        building.clear()
+        adder.join(timeout=120)
+    assert res.alias_moved and not failures, failures
+    store = LocalFeatureStore(store_dir(res.collection))
+    ids = set(store.ids())
+    store.close()
+    assert "api-added-1" in ids and gone not in ids
+    assert added and set(added) <= ids, sorted(set(added) - ids)
+    deadline = time.monotonic() + 30
+    while client.health()["index"] != res.collection and time.monotonic() < deadline:
+        time.sleep(0.5)
+    hits = client.search(folder / q["path"], top_k=50)["results"]
+    assert hits[0]["label"] in ("api-label", "swap") and gone not in {h["image_id"] for h in hits}
