@@ -14,11 +14,22 @@ from __future__ import annotations
 import os
 
 from data.config import ilr_home, worker_env
+from data.errors import IlrError
 
 os.environ.setdefault("PREFECT_HOME", str(ilr_home() / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if not os.environ.get("PREFECT_API_URL"):
+    # the temporary server Prefect starts for a flow run (random loopback port) is protected like the one
+    # `ilr flows serve` starts: a password (this workspace's) and CSRF protection
+    from flows.deployments import prefect_auth_string
+
+    _auth = prefect_auth_string()
+    os.environ.setdefault("PREFECT_SERVER_API_AUTH_STRING", _auth)
+    os.environ.setdefault("PREFECT_API_AUTH_STRING", _auth)
+    os.environ.setdefault("PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED", "true")
+    os.environ.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "true")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
@@ -122,9 +133,13 @@ def deploy_task(port: int | None, start: bool = True) -> dict:
 @task
 def monitor_task(url: str | None) -> dict:
     from monitoring import monitor
-    from serving.client import Client
+    from serving.client import Client, is_configured
 
-    return monitor.summary(monitor.run(Client(url)))
+    client = Client(url)
+    if not is_configured(client.url):  # the canary sends the dataset's images and the API token
+        raise IlrError(f"monitor: {client.url} is not this workspace's service",
+                       hint="set ILR_URL (or serve.host/port in params.yaml) to monitor a service elsewhere")
+    return monitor.summary(monitor.run(client))
 
 
 def record_gate(d) -> None:
@@ -204,20 +219,24 @@ class RetrainRunning(Exception):
     pass
 
 
-def retrain_lock():
-    """One retrain at a time per workspace (a trigger during a retrain is recorded, not run twice)."""
+def retrain_lock(wait: bool = True):
+    """One retrain at a time per workspace, whoever starts it (the CLI, a trigger's background process, the
+    Prefect deployment): a second one waits for the first (wait=False: RetrainRunning instead)."""
     import contextlib
     import fcntl
 
     @contextlib.contextmanager
     def held():
-        path = ilr_home() / "retrain.lock"
+        path = ilr_home() / "locks" / "retrain.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RetrainRunning("a retrain is already running in this workspace") from None
+                if not wait:
+                    raise RetrainRunning("a retrain is already running in this workspace") from None
+                _log()("another retrain is running in this workspace: waiting for it to finish")
+                fcntl.flock(fh, fcntl.LOCK_EX)
             yield
     return held()
 
@@ -274,7 +293,7 @@ def monitor(url: str | None = None, trigger: bool = True, trigger_mode: str = "b
                           f"mAP@k {s['map_at_k']:.4f}, recall@k {s['recall_at_k']:.4f}, top-1 {s['top1']:.3f}",
                           f"latency p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms; ANN recall {s['ann_recall']:.3f}",
                           f"drift MMD^2 {s['drift']['mmd']:.4f}", f"quality drop: {s['quality_drop']} {s['reason']}"])
-    if trigger and s["quality_drop"]:
+    if trigger and s["new_drop"]:  # once per drop, not on every pass while quality stays low
         s["trigger"] = fire_retrain("ilr.quality.dropped", s["reason"], s["dataset"], trigger_mode)
     return s
 
@@ -283,16 +302,21 @@ def monitor(url: str | None = None, trigger: bool = True, trigger_mode: str = "b
 def retrain(dataset: str | None = None, reason: str = "manual", trials: int | None = None,
             steps: int | None = None, engine: str | None = None) -> dict:
     """train_and_register on the dataset (default: latest version of pipeline.dataset); if a new champion
-    was promoted, or the live index is not the champion's, rebuild the index and swap; refresh serving."""
-    from models import registry
-    from serving import index as sindex
-    from serving import service
-
+    was promoted, or the live index is not the champion's, rebuild the index and swap; refresh serving.
+    One retrain at a time per workspace: a second one (two triggers at once) waits for the first."""
     from data.versioning import dataset_dir
 
     from flows.config import pipeline_config
 
-    dataset = dataset_dir(pipeline_config(dataset=dataset).dataset)[0].ref
+    with retrain_lock():
+        return _retrain(dataset_dir(pipeline_config(dataset=dataset).dataset)[0].ref, reason, trials, steps, engine)
+
+
+def _retrain(dataset: str, reason: str, trials: int | None, steps: int | None, engine: str | None) -> dict:
+    from models import registry
+    from serving import index as sindex
+    from serving import service
+
     _log()(f"retrain {dataset}: {reason}")
     tr = train_and_register(dataset, trials, steps)
     live = sindex.live()

@@ -156,6 +156,7 @@ class MonitorReport:
     quality_drop: bool
     drifted: bool
     reason: str
+    new_drop: bool = False   # a drop that the previous pass did not already report (the trigger fires on it)
 
 
 def run(client, cfg: MonitorConfig | None = None, store: MonitorStore | None = None, log_mlflow: bool = True,
@@ -202,15 +203,30 @@ def run(client, cfg: MonitorConfig | None = None, store: MonitorStore | None = N
             except Exception as e:  # noqa: BLE001 - recorded and reported; the pass goes on
                 store.add("events", kind="monitor_error", reason=f"golden suites: {type(e).__name__}: {e}"[:500],
                           detail={})
-        report = MonitorReport(c, d, recall, bool(reasons), drifted, "; ".join(reasons))
-        if report.quality_drop:
-            store.add("events", kind="quality_drop", reason=report.reason, detail={"model": c.model, "index": c.index})
+        reason = "; ".join(reasons)
+        report = MonitorReport(c, d, recall, bool(reasons), drifted, reason,
+                               record_quality(store, c.model, c.index, reason))
         if log_mlflow:
             _log(report, cfg)
         return report
     finally:
         if own:
             store.close()
+
+
+def record_quality(store: MonitorStore, model: str, index: str, drop_reason: str) -> bool:
+    """Record this pass's verdict; True when it is a new drop. The retrain trigger fires once per drop: not
+    again on every pass while the same model and index stay below the bar, again after they recovered or
+    once another model or index is live."""
+    prev = store.last_event("quality_drop", "quality_ok")
+    same = prev is not None and prev["detail"].get("model") == model and prev["detail"].get("index") == index
+    if drop_reason:
+        new = not (same and prev["kind"] == "quality_drop")
+        store.add("events", kind="quality_drop", reason=drop_reason, detail={"model": model, "index": index, "new": new})
+        return new
+    if prev is not None and prev["kind"] == "quality_drop":
+        store.add("events", kind="quality_ok", reason="quality back above the bar", detail={"model": model, "index": index})
+    return False
 
 
 def _log(report: MonitorReport, cfg: MonitorConfig) -> None:
@@ -231,4 +247,5 @@ def _log(report: MonitorReport, cfg: MonitorConfig) -> None:
 
 def summary(report: MonitorReport) -> dict:
     return {**asdict(report.canary), "drift": report.drift, "ann_recall": report.ann_recall,
-            "quality_drop": report.quality_drop, "drifted": report.drifted, "reason": report.reason}
+            "quality_drop": report.quality_drop, "new_drop": report.new_drop, "drifted": report.drifted,
+            "reason": report.reason}

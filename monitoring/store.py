@@ -47,5 +47,16 @@ class MonitorStore:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]
 
+    def last_event(self, *kinds: str) -> dict | None:
+        """The most recent event of one of these kinds (detail decoded), or None."""
+        cur = self.db.execute(f"SELECT * FROM events WHERE kind IN ({', '.join('?' * len(kinds))}) "
+                              "ORDER BY ts DESC, rowid DESC LIMIT 1", kinds)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        out = dict(zip([d[0] for d in cur.description], row))
+        out["detail"] = json.loads(out["detail"] or "{}")
+        return out
+
     def close(self) -> None:
         self.db.close()
