@@ -80,8 +80,8 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     console.print(f"API docs       {url}/docs     (service stays up; stop with: .venv/bin/ilr stop)")
     console.print(f"example        curl -F image=@{folder / queries.iloc[0]['path']} -F top_k=5 {url}/v1/search")
     console.print(f"MLflow UI      .venv/bin/mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'} --host 127.0.0.1 --port 5000")
-    console.print(f"Prefect UI     PREFECT_HOME={home / 'prefect'} .venv/bin/prefect server start --host 127.0.0.1 "
-                  f"(then http://127.0.0.1:4200)")
+    console.print(f"Prefect UI     .venv/bin/ilr flows serve   (then http://127.0.0.1:4200; the password is the line "
+                  f"in {home / 'prefect-auth'})")
     console.print("Ray dashboard  http://127.0.0.1:8265")
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return out
