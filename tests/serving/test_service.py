@@ -249,6 +249,23 @@ def test_bad_requests_get_4xx_not_500(service):
     assert r.headers["x-content-type-options"] == "nosniff"
 
 
+def test_labels_are_printed_as_text_not_markup(service):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from serving.client import Client
+
+    client = Client(service["url"], token="test-token-0123456789")
+    path = service["folder"] / _queries(service).iloc[3]["path"]
+    client.add(path, "markup-1", label="[/]x[bold red]")  # "[/]" crashed `ilr query` (Rich markup)
+    try:
+        out = CliRunner().invoke(app, ["query", str(path), "--top-k", "3", "--url", service["url"]])
+        assert out.exit_code == 0, out.output
+        assert "[/]x[bold red]" in out.output
+    finally:
+        client.delete("markup-1")
+
+
 def test_api_changes_survive_a_new_champion_and_a_swap(service):
     """Add and delete through the API, then a new champion's collection is built and swapped in while more
     images are added: the added images are in the new collection, the deleted one is not."""
