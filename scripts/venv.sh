@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Create or refresh .venv so it matches pyproject.toml. Idempotent: a no-op (well under a second)
-# when pyproject.toml has not changed since the last successful install.
+# Create or refresh .venv so it matches pyproject.toml, with the tested versions of constraints.txt.
+# Idempotent: a no-op (well under a second) when neither file changed since the last successful install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 stamp=.venv/.ilr-installed
-want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -15,5 +15,5 @@ echo "[ilr] installing dependencies into .venv (first run takes a few minutes)..
 .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v 'is ignored: it is neither' >&2 || true
 # pip's own exit status decides; its noise about missing local index folders is filtered out
 set -o pipefail
-.venv/bin/python -m pip install --quiet -e '.[dev]' 2> >(grep -v 'is ignored: it is neither' >&2)
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev]' 2> >(grep -v 'is ignored: it is neither' >&2)
 echo "$want" > "$stamp"

@@ -40,9 +40,9 @@ def fresh_clone(dest: Path) -> dict:
     import hashlib
 
     stamp = ROOT / ".venv" / ".ilr-installed"
-    want = hashlib.sha256((dest / "pyproject.toml").read_bytes()).hexdigest()
+    want = hashlib.sha256((dest / "pyproject.toml").read_bytes() + (dest / "constraints.txt").read_bytes()).hexdigest()
     if not stamp.exists() or stamp.read_text().strip() != want:  # else the clone's scripts would reinstall
-        pytest.fail("the committed pyproject.toml differs from the one .venv was made from: commit, then run "
+        pytest.fail("the committed pyproject.toml/constraints.txt differ from those .venv was made from: commit, then run "
                     "./scripts/test (it refreshes .venv)")
     (dest / ".venv").symlink_to(ROOT / ".venv")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ILR_") and k not in NOT_SET}
