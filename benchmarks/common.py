@@ -48,7 +48,7 @@ def save_features(path: Path, feats: list) -> None:
 
 
 def load_features(path: Path) -> list:
-    from models.extract import Features
+    from models.features import Features
 
     z = np.load(path, allow_pickle=False)
     ends = np.cumsum(z["counts"])

@@ -39,7 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.index import IndexConfig, VectorIndex  # noqa: E402
+from serving.config import IndexConfig  # noqa: E402
+from serving.vectors import VectorIndex  # noqa: E402
 
 NETNS_FLAG = "ILR_BENCH_PRIVATE_NETNS"
 

@@ -97,7 +97,8 @@ def evaluate_suite(paths, labels, model, ecfg, rcfg, scores: dict, q_paths=None,
     junk, under "<name> junk"."""
     from data.config import NO_LABEL
     from models import metrics
-    from models.extract import Extractor, pack_local, unpack_local
+    from models.extract import Extractor
+    from models.features import pack_local, unpack_local
     from models.rerank import Reranker, ranking_score, refined_similarity
 
     extractor = Extractor(model, ecfg)

@@ -24,7 +24,8 @@ from benchmarks.common import features, small_dataset, split  # noqa: E402
 from models.artifacts import off_the_shelf  # noqa: E402
 from models.config import ExtractConfig, RerankConfig  # noqa: E402
 from models.evaluate import rank  # noqa: E402
-from models.extract import Extractor, pack_local, unpack_local  # noqa: E402
+from models.extract import Extractor  # noqa: E402
+from models.features import pack_local, unpack_local  # noqa: E402
 from models.metrics import retrieval_map  # noqa: E402
 from models.rerank import Reranker  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Where things live, and the data layer's settings (from params.yaml, section `data`)."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from dataclasses import dataclass, field, fields
@@ -25,9 +26,14 @@ WORKSPACE_ENV = ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "M
                  "ILR_MODEL_NAME", "ILR_API_TOKEN")
 
 
+def ilr_home_path() -> Path:
+    """Where ilr_home() is, without creating it."""
+    return Path(os.environ.get("ILR_HOME", ".ilr")).expanduser().resolve()
+
+
 def ilr_home() -> Path:
     """Runtime state (MLflow DB, Milvus data, Prefect home, DVC remote, GX context): $ILR_HOME or ./.ilr."""
-    home = Path(os.environ.get("ILR_HOME", ".ilr")).expanduser().resolve()
+    home = ilr_home_path()
     if not home.is_dir():  # private: it holds the API token, the Prefect password and every store
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         home.chmod(0o700)
@@ -63,9 +69,24 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
+QUIET = {"GX_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_TELEMETRY": "false",
+         "MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def quiet_libraries() -> None:
+    """No analytics, telemetry or progress bars from Great Expectations, DVC and MLflow (nothing may phone
+    home; a user's own setting wins). Called where the workspace is pinned or adopted and before those
+    libraries are used, never at import."""
+    for k, v in QUIET.items():
+        os.environ.setdefault(k, v)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def pin_workspace(**extra: str) -> dict[str, str]:
     """Resolve the workspace once, in the driver, and export it: every child process and every worker
     that applies worker_env() then sees the same absolute repo, home, params file and stores."""
+    quiet_libraries()
     env = worker_env(**extra)
     os.environ.update(env)
     return env
@@ -73,6 +94,7 @@ def pin_workspace(**extra: str) -> dict[str, str]:
 
 def apply_worker_env(env: dict[str, str]) -> None:
     """In a worker: adopt the driver's workspace (see WORKSPACE_ENV)."""
+    quiet_libraries()
     os.environ.update({k: v for k, v in env.items() if k in WORKSPACE_ENV and v})
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +16,10 @@ import numpy as np
 import pandas as pd
 
 from data import manifest
-from data.config import SPLITS, DataConfig, data_config, ilr_home
+from data.config import SPLITS, DataConfig, data_config, ilr_home, quiet_libraries
 from data.errors import ValidationFailed
 from data.images import probe_many
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 log = logging.getLogger(__name__)
 
 
@@ -124,6 +122,7 @@ def dataset_summary(t: pd.DataFrame, bits: int) -> dict:
 
 
 def _suite(cfg: DataConfig, name: str):
+    quiet_libraries()
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -143,6 +142,7 @@ def _suite(cfg: DataConfig, name: str):
 
 
 def _context():
+    quiet_libraries()
     import great_expectations as gx
 
     from great_expectations.data_context.types.base import ProgressBarsConfig

@@ -13,23 +13,15 @@ from __future__ import annotations
 
 import os
 
-from data.config import ilr_home, worker_env
+from data.config import ilr_home, ilr_home_path, worker_env
 from data.errors import IlrError
 
-os.environ.setdefault("PREFECT_HOME", str(ilr_home() / "prefect"))
+# Prefect reads its settings when it is imported: these defaults must be in place first (nothing is created
+# here; the workspace's password for the local servers is set by `ilr`, flows.prefect_server.protect_local)
+os.environ.setdefault("PREFECT_HOME", str(ilr_home_path() / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-if not os.environ.get("PREFECT_API_URL"):
-    # the temporary server Prefect starts for a flow run (random loopback port) is protected like the one
-    # `ilr flows serve` starts: a password (this workspace's) and CSRF protection
-    from flows.deployments import prefect_auth_string
-
-    _auth = prefect_auth_string()
-    os.environ.setdefault("PREFECT_SERVER_API_AUTH_STRING", _auth)
-    os.environ.setdefault("PREFECT_API_AUTH_STRING", _auth)
-    os.environ.setdefault("PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED", "true")
-    os.environ.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "true")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
@@ -200,18 +192,12 @@ def fire_retrain(event: str, reason: str, dataset: str, mode: str = "background"
 
 
 def spawn_retrain(dataset: str, reason: str) -> dict:
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
-    logs = ilr_home() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    exe = Path(sys.executable).with_name("ilr")
-    proc = subprocess.Popen([str(exe) if exe.exists() else "ilr", "retrain", "--dataset", dataset, "--reason", reason,
-                             "--no-record"], stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, **worker_env()})
+    from data.processes import spawn
+
+    proc, log = spawn(["ilr", "retrain", "--dataset", dataset, "--reason", reason, "--no-record"],
+                      f"retrain-{time.strftime('%Y%m%d-%H%M%S')}.log", {**os.environ, **worker_env()})
     return {"how": f"background process {proc.pid}", "pid": proc.pid, "log": str(log)}
 
 
@@ -314,14 +300,14 @@ def retrain(dataset: str | None = None, reason: str = "manual", trials: int | No
 
 def _retrain(dataset: str, reason: str, trials: int | None, steps: int | None, engine: str | None) -> dict:
     from models import registry
-    from serving import index as sindex
+    from serving import store as sindex
     from serving import service
 
     _log()(f"retrain {dataset}: {reason}")
     tr = train_and_register(dataset, trials, steps)
     live = sindex.live()
     champion = registry.alias_version("champion")
-    want = f"models:/{registry.model_name()}/{champion}" if champion else "off-the-shelf"
+    want = registry.ref(champion) if champion else "off-the-shelf"
     out = {"reason": reason, "dataset": dataset, **tr}
     if tr["gate"]["promoted"] or live is None or live.get("model") != want or live.get("dataset") != dataset:
         out["index"] = build_and_swap_index(dataset, engine=engine)

@@ -96,7 +96,6 @@ class RerankConfig:
     top_k: int = 50                           # global top-K re-ranked per query, by evaluation, the gate and the
                                               # service alike (DELG: 100; on 2 CPU cores 50 halves re-ranking
                                               # time for the same mAP on the embedded data: BENCHMARKS.md)
-    match: str = "mutual"                     # mutual nearest neighbours, and within max_distance
     max_distance: float = 0.9                 # descriptor L2 distance bound (DELG: 0.9-1.0)
     ratio: float = 0.9                        # Lowe's ratio test on top of mutual NN (1.0 = off): drops
                                               # ambiguous matches on repeated textures (BENCHMARKS.md)

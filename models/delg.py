@@ -18,7 +18,7 @@ from models.backbone import create_backbone
 from models.config import ModelConfig
 
 
-def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6, mask: torch.Tensor | None = None) -> torch.Tensor:
+def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     """Generalised mean pooling. x: [B x C x H x W] -> [B x C]."""
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 

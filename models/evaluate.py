@@ -42,8 +42,9 @@ from data.images import load_rgb
 from data.versioning import dataset_dir
 from models import metrics, registry, tracking
 from models.config import ExtractConfig, RerankConfig, extract_config, rerank_config, resolve_device
-from models.extract import Extractor, Features, pack_local, unpack_local
-from models.rerank import Reranker, recognition_score
+from models.extract import Extractor
+from models.features import Features, pack_local, recognition_score, unpack_local
+from models.rerank import Reranker
 
 log = logging.getLogger(__name__)
 

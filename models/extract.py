@@ -21,7 +21,6 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -35,31 +34,7 @@ from data.images import load_rgb
 from models.config import ExtractConfig, extract_config, resolve_device
 from models.delg import DELG
 
-QUANT = 127.0
-
-
-@dataclass
-class Features:
-    """Features of one image. global_desc: [D]; keypoints: [N x 2] (x, y) original pixels; descriptors:
-    [N x d] float32 L2-normalised; scores: [N] attention; scales: [N] pyramid scale of each keypoint."""
-    global_desc: np.ndarray
-    keypoints: np.ndarray
-    descriptors: np.ndarray
-    scores: np.ndarray
-    scales: np.ndarray
-    size: tuple[int, int]  # original (width, height)
-
-
-def pack_local(f: Features) -> tuple[np.ndarray, np.ndarray]:
-    """(keypoints uint16 [N x 2], descriptors int8 [N x d]) — 1/4 of float32 storage."""
-    kp = np.clip(np.rint(f.keypoints), 0, 65535).astype(np.uint16)
-    return kp, np.clip(np.rint(f.descriptors * QUANT), -127, 127).astype(np.int8)
-
-
-def unpack_local(kp: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = desc.astype(np.float32) / QUANT
-    d /= np.linalg.norm(d, axis=1, keepdims=True).clip(min=1e-6)
-    return kp.astype(np.float32), d
+from models.features import Features
 
 
 def bucket_size(width: int, height: int, max_side: int, bucket: int) -> tuple[int, int]:
@@ -67,6 +42,18 @@ def bucket_size(width: int, height: int, max_side: int, bucket: int) -> tuple[in
     scale = min(1.0, max_side / max(width, height))
     return (max(bucket, int(round(width * scale / bucket)) * bucket),
             max(bucket, int(round(height * scale / bucket)) * bucket))
+
+
+def with_cpu_threads(ecfg: ExtractConfig, sharing: int = 1, threads: int = 0) -> ExtractConfig:
+    """The CPU-thread policy of extraction in a Ray worker (a Serve replica, a Ray Data actor): Ray pins a
+    fractional-CPU worker's math libraries to one thread (OMP_NUM_THREADS=1), so the count is set here:
+    `extract.cpu_threads` when set, else `threads`, else the machine's cores shared by the `sharing`
+    extractions that run at once. (In-process, cpu_threads 0 lets the Extractor time 1 vs all cores.)"""
+    if ecfg.cpu_threads:
+        return ecfg
+    import dataclasses
+
+    return dataclasses.replace(ecfg, cpu_threads=threads or max(1, (os.cpu_count() or 1) // max(1, sharing)))
 
 
 @lru_cache(maxsize=4)

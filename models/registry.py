@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.config import quiet_libraries
 from data.errors import IlrError
 from models import artifacts, tracking
 from models.delg import DELG
@@ -25,6 +26,7 @@ def model_name() -> str:
 
 
 def client():
+    quiet_libraries()
     import mlflow
     from mlflow import MlflowClient
 
@@ -65,6 +67,16 @@ def register(model_uri: str, tags: dict | None = None, alias: str | None = "chal
     return version
 
 
+def register_trained(model_uri: str, dataset, train_run_id: str, kind: str, **tags) -> str:
+    """Register a model trained on a dataset version (a data.versioning.Version) as challenger, with the
+    lineage tags every trained model carries: dataset, version, DVC hash, git commit, training run."""
+    from models import tracking
+
+    return register(model_uri, {"dataset": dataset.name, "dataset.version": dataset.version,
+                                "dataset.dvc_md5": dataset.dvc_md5, "git_sha": tracking.git_sha(),
+                                "train_run_id": train_run_id, "kind": kind, **tags})
+
+
 def _version_of_run(train_run_id: str) -> str | None:
     try:
         found = client().search_model_versions(f"name='{model_name()}' and run_id='{train_run_id}'")
@@ -90,10 +102,16 @@ def model_dir(uri: str) -> Path:
     return artifacts.download(uri)
 
 
+def ref(version_or_alias: str) -> str:
+    """The reference of a version (`models:/NAME/3`) or an alias (`models:/NAME@champion`) of this registry's
+    model; version_of() reads a version back."""
+    v = str(version_or_alias)
+    return f"models:/{model_name()}/{v}" if v.isdigit() else f"models:/{model_name()}@{v}"
+
+
 def load(alias_or_version: str = "champion", device: str = "cpu") -> tuple[DELG, str]:
-    ref = f"models:/{model_name()}@{alias_or_version}" if not alias_or_version.isdigit() \
-        else f"models:/{model_name()}/{alias_or_version}"
-    return artifacts.load(model_dir(ref), device), ref
+    uri = ref(alias_or_version)
+    return artifacts.load(model_dir(uri), device), uri
 
 
 def check_model_uri(model_uri: str) -> str:
@@ -118,7 +136,7 @@ def resolve(model_uri: str | None, device: str = "cpu") -> tuple[DELG, str]:
         version = alias_version("champion")
         if version is None:
             return artifacts.off_the_shelf().to(device), "off-the-shelf"
-        model_uri = f"models:/{model_name()}/{version}"
+        model_uri = ref(version)
     if model_uri == "off-the-shelf":
         return artifacts.off_the_shelf().to(device), "off-the-shelf"
     check_model_uri(model_uri)

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from models.config import RerankConfig, rerank_config
+from models.features import recognition_score
 
 _METHODS = {"magsac": cv2.USAC_MAGSAC, "ransac": cv2.RANSAC}
 
@@ -35,32 +36,6 @@ class Reranked:
     inliers: np.ndarray      # [K] inliers per candidate (input order)
     scores: np.ndarray       # [K] ranking score per candidate (input order): what `order` sorts by
     recognition: np.ndarray  # [K] DELG recognition score per candidate (input order)
-
-
-def mutual_matches(q: np.ndarray, d: np.ndarray, max_distance: float) -> np.ndarray:
-    """Mutual nearest neighbours of unit descriptors within an L2 distance. q: [N x d], d: [M x d] ->
-    [P x 2] index pairs (query, database)."""
-    if len(q) == 0 or len(d) == 0:
-        return np.zeros((0, 2), np.int64)
-    sim = q @ d.T
-    nn12 = sim.argmax(axis=1)
-    nn21 = sim.argmax(axis=0)
-    ids = np.arange(len(q))
-    mutual = nn21[nn12] == ids
-    close = sim[ids, nn12] >= 1.0 - max_distance ** 2 / 2  # |a-b|^2 = 2 - 2 a.b for unit vectors
-    keep = mutual & close
-    return np.stack([ids[keep], nn12[keep]], axis=1)
-
-
-def verify(q_kp: np.ndarray, q_desc: np.ndarray, c_kp: np.ndarray, c_desc: np.ndarray,
-           cfg: RerankConfig) -> int:
-    """Number of RANSAC inliers of an affine model between two images' local features."""
-    return _ransac(q_kp, c_kp, mutual_matches_many(q_desc, [c_desc], cfg.max_distance, ratio=cfg.ratio)[0], cfg)
-
-
-def recognition_score(inliers: np.ndarray, cosine: np.ndarray) -> np.ndarray:
-    """DELG's GLDv2 score: min(70, inliers) / 70 + 0.25 * cosine."""
-    return np.minimum(70, inliers) / 70.0 + 0.25 * cosine
 
 
 def fused_score(inliers: np.ndarray, similarity: np.ndarray, weight: float = 0.5, cap: int = 70,
@@ -112,7 +87,7 @@ def ranking_score(inliers: np.ndarray, cosine: np.ndarray, cfg: RerankConfig,
 
 def mutual_matches_many(q: np.ndarray, candidates: Sequence[np.ndarray], max_distance: float,
                         max_elements: int = 1 << 24, ratio: float = 1.0) -> list[np.ndarray]:
-    """mutual_matches() of one query against many candidates: one matrix product per chunk of candidates.
+    """Mutual nearest neighbours of one query against many candidates: one matrix product per chunk of candidates.
 
     q: [N x d]; candidates[c]: [M_c x d], unit float vectors or int8 as stored (pack_local: renormalised
     here, as unpack_local would) -> list of [P_c x 2] index pairs (query, candidate), by query index.

@@ -1,18 +1,12 @@
 """MLflow wiring: a SQLite store under $ILR_HOME unless MLFLOW_TRACKING_URI points at a server."""
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 from functools import lru_cache
 
-from data.config import default_tracking_uri, ilr_home
+from data.config import default_tracking_uri, ilr_home, quiet_libraries
 
-os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-logging.getLogger("mlflow").setLevel(logging.WARNING)
-logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def tracking_uri() -> str:
@@ -23,6 +17,7 @@ def setup(experiment: str) -> str:
     """Point MLflow at our store and make sure `experiment` exists (created once, by the caller's process).
 
     Returns the experiment id."""
+    quiet_libraries()
     import mlflow
 
     uri = tracking_uri()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -17,98 +16,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from data.config import apply_worker_env, ilr_home, pin_workspace, worker_env
+from data.config import apply_worker_env, ilr_home, worker_env
 from data.versioning import dataset_dir
-from models import registry, tracking
+from models import cluster, registry, tracking
 from models.config import ModelConfig, TrainConfig, TuneConfig, model_config, train_config, tune_config
 
 MODEL_KEYS = ("arcface_margin", "arcface_scale", "dim", "gem_p", "attention_loss_weight",
               "reconstruction_loss_weight")
 TRAIN_KEYS = ("lr", "image_size")
-
-
-AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication: "token" (our default) or "disabled"
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray takes 127.0.0.1 as this node's address
-_log = logging.getLogger(__name__)
-
-
-def _require_token_auth() -> None:
-    """Token authentication on, explicitly: RAY_AUTH_MODE=token unless the user set it. A user's
-    RAY_AUTH_MODE=disabled is honoured, with a warning. Ray caches the mode: re-read it after the change."""
-    from ray._raylet import Config
-
-    mode = os.environ[AUTH_MODE_ENV] = os.environ.get(AUTH_MODE_ENV) or "token"
-    if mode.lower() == "disabled":
-        _log.warning("RAY_AUTH_MODE=disabled: Ray token authentication is off; anyone who can reach Ray's ports "
-                     "can run code as this user")
-    Config.initialize("")
-
-
-def _private_token_file() -> None:
-    """Ray writes its generated token to ~/.ray/auth_token with the umask's mode (often world-readable): the
-    token is the only thing between another local user and Ray's job API, so make it owner-only."""
-    path = Path.home() / ".ray" / "auth_token"
-    try:
-        st = path.stat()
-        if st.st_uid == os.getuid() and st.st_mode & 0o077:
-            path.chmod(0o600)
-    except OSError:
-        pass
-
-
-def _local_ray_init(**kwargs) -> None:
-    """A new single-machine Ray whose raylet, GCS, object manager, workers, dashboard agent and metrics ports
-    listen on 127.0.0.1 only. Ray binds them to the node's address; on Linux that address is the routable
-    one, never loopback (ray.init resolves _node_ip_address="127.0.0.1" back to it) unless Ray's single-machine
-    mode is on, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the default on macOS and Windows). Its constant is read
-    at import, so it is set in the module too; both are restored once the node runs, so that a later
-    ensure_ray() joining RAY_ADDRESS is unaffected. Ray's processes keep the variable: they agree with it.
-    Another process that joins this Ray by address (RAY_ADDRESS=127.0.0.1:<gcs port>) needs the variable as
-    well: Ray would otherwise rewrite 127.0.0.1 to the routable address, where nothing listens. Not covered:
-    each Serve replica's inter-deployment gRPC server, hard-coded to [::]:0 by Ray Serve (token-checked)."""
-    import ray
-    from ray._private import ray_constants
-
-    saved_env, saved_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = saved_env
-
-
-def ensure_ray(dashboard: bool = False) -> None:
-    """Join RAY_ADDRESS when set (a real cluster), else start a local Ray on this machine's cores, bound to
-    127.0.0.1. Either way with token authentication (RAY_AUTH_MODE=token) unless RAY_AUTH_MODE says otherwise:
-    a local Ray generates its token in ~/.ray/auth_token; joining a cluster needs the cluster's token there,
-    in RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH names."""
-    import ray
-
-    pin_workspace()  # resolved here, in the driver: workers get these values, never their own cwd's
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    _require_token_auth()
-    common = {"log_to_driver": False, "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
-              "configure_logging": False}
-    for attempt in (1, 2):
-        try:
-            if address:
-                ray.init(address=address, **common)
-            else:
-                _local_ray_init(num_cpus=os.cpu_count(), **common)
-                _private_token_file()
-            return
-        except Exception as e:
-            # a local Ray gives its raylet 30 s to register; on a busy 2-core machine that can pass: once more
-            if address or attempt == 2 or "timed out during startup" not in str(e):
-                raise
-            ray.shutdown()
 
 
 def _space(spec: dict):
@@ -218,7 +133,7 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
     # quietly and let the caller carry on with a half-finished search. The experiment state and the
     # trials' checkpoints written so far are what the next run resumes from.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    ensure_ray()
+    cluster.ensure_ray()
     gpus = cfg.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     state_file = storage / f"{name}.parent_run"  # beside the experiment: survives a fresh start of it
     if not resume:  # --fresh: forget the old search, its trials' checkpoints and its parent run
@@ -268,9 +183,8 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
     model_version = None
     if register:
         registry.ensure_champion(log_fn)  # the off-the-shelf model until a challenger passes the gate
-        model_version = registry.register(best.metrics["model_uri"], {
-            "dataset": version.name, "dataset.version": version.version, "dataset.dvc_md5": version.dvc_md5,
-            "git_sha": tracking.git_sha(), "tune_run_id": parent_run_id, "train_run_id": best.metrics["run_id"],
-            "val_map": f"{best.metrics['val_map']:.4f}", "kind": "tuned", "params": json.dumps(best_cfg)})
+        model_version = registry.register_trained(
+            best.metrics["model_uri"], version, best.metrics["run_id"], "tuned", tune_run_id=parent_run_id,
+            val_map=f"{best.metrics['val_map']:.4f}", params=json.dumps(best_cfg))
         log_fn(f"registered {registry.model_name()} v{model_version} as challenger")
     return TuneResult(best_cfg, dict(best.metrics), model_version, parent_run_id, len(grid), stopped, path)

@@ -136,7 +136,9 @@ def drift(queries: np.ndarray, index_sample: np.ndarray) -> dict:
 
 def ann_recall(collection: str, cfg: MonitorConfig | None = None) -> float:
     """Live collection: Milvus top-k against exact search, on a sample of its own vectors."""
-    from serving.index import LocalFeatureStore, VectorIndex, index_config, recall_at_k, store_dir
+    from serving.config import index_config
+    from serving.store import LocalFeatureStore, store_dir
+    from serving.vectors import VectorIndex, recall_at_k
 
     cfg = cfg or monitor_config()
     store = LocalFeatureStore(store_dir(collection))

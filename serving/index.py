@@ -1,30 +1,23 @@
-"""The retrieval index: global descriptors in Milvus, local features in a compact memory-mapped store.
+"""Building a collection: extract a dataset version's index images with a model, insert the global
+descriptors into Milvus (serving.vectors) and the local features into the store (serving.store), replay the
+API's change log (serving.changes), check ANN recall, then move the live alias.
 
-- One Milvus collection per (model version, dataset version), fields image_id (primary), label, domain,
-  vector; HNSW on inner product (descriptors are unit vectors). Milvus Lite (a data dir under $ILR_HOME)
-  by default, `MILVUS_URI` for a Milvus server.
-- The alias `ilr_live` moves to a new collection only after its ANN recall against exact search passes.
-- Local features: one append-only pair of files per collection (uint16 keypoints, int8 descriptors) and
-  a SQLite catalogue image_id -> (offset, count); reads are memory-mapped. Global vectors are kept beside
-  them (float32) for exact-search recall checks.
-- Builds are resumable (images already stored are skipped) and incremental (add / delete images).
+Builds are resumable (images already stored are skipped), one per collection at a time, and incremental
+(the service adds and deletes images between builds; every build replays those changes).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import logging
 import os
 import re
-import sqlite3
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -32,332 +25,12 @@ from data import manifest
 from data.config import apply_worker_env, ilr_home, worker_env
 from data.errors import IlrError
 from data.versioning import dataset_dir
-from models.extract import Extractor, Features, pack_local, unpack_local
+from models.extract import Extractor, with_cpu_threads
+from models.features import pack_local
 from serving.changes import ChangeLog
 from serving.config import IndexConfig, index_config
-
-
-
-
-def milvus_uri() -> str:
-    """MILVUS_URI, else this workspace's Milvus Lite server when it runs, else Milvus Lite in-process."""
-    from serving import milvus_server
-
-    return os.environ.get("MILVUS_URI") or milvus_server.running() or str(ilr_home() / "milvus.db")
-
-
-# Milvus Lite's gRPC server keeps gRPC's default ping policy (one ping per 5 min, none while idle); pymilvus
-# pings every 10 s even when idle, so a long-lived client gets GOAWAY "too_many_pings" and fails.
-GRPC_OPTIONS = {"grpc.keepalive_time_ms": 600_000, "grpc.keepalive_permit_without_calls": False}
-
-
-def milvus_client(uri: str | None = None):
-    """A client of MILVUS_URI (or the workspace's Milvus Lite); MILVUS_TOKEN ("user:password" or an API key)
-    for a Milvus server with authentication on."""
-    from pymilvus import MilvusClient
-
-    return MilvusClient(uri or milvus_uri(), token=os.environ.get("MILVUS_TOKEN", ""), grpc_options=GRPC_OPTIONS)
-
-
-def collection_name(model_version: str, dataset: str, dataset_version: str) -> str:
-    raw = f"ilr_m{model_version}_{dataset}_{dataset_version}"
-    return re.sub(r"[^A-Za-z0-9_]", "_", raw)[:255]
-
-
-class LocalFeatureStore:
-    """Append-only local features of one collection, read through memory maps. Thread-safe appends."""
-
-    def __init__(self, folder: Path, dim: int | None = None):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.folder / "catalog.sqlite", check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")  # readers in other processes (the service) never block
-        self._db.execute("CREATE TABLE IF NOT EXISTS features (image_id TEXT PRIMARY KEY, kp_offset INTEGER, "
-                         "desc_offset INTEGER, count INTEGER, row INTEGER, width INTEGER, height INTEGER, "
-                         "deleted INTEGER DEFAULT 0)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        self._lock, self._held = threading.RLock(), False
-        self._maps: dict[str, tuple[int, np.memmap]] = {}
-        with self.writing():  # a writer in another process may be between its append and its commit
-            stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-            self.dim = int(stored["dim"]) if "dim" in stored else dim
-            self.global_dim = int(stored["global_dim"]) if "global_dim" in stored else None
-            self._truncate_to_catalogue()
-
-    @contextlib.contextmanager
-    def writing(self):
-        """The store's write lock: one writer per store, across threads and processes. Appends, the
-        truncation on open and check-then-add sequences (the service's add) hold it."""
-        with self._lock:
-            if self._held:  # re-entered by the thread that holds it (check-then-add calls add_packed)
-                yield
-                return
-            with open(self._path(".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                self._held = True
-                try:
-                    yield
-                finally:
-                    self._held = False
-
-    def _truncate_to_catalogue(self) -> None:
-        """Drop bytes written after the last catalogued image (a build interrupted mid-append). Holds the write
-        lock: a writer's bytes are catalogued before it releases it, so only a dead writer's remain."""
-        end = self._db.execute("SELECT kp_offset + count, desc_offset + count * ?, row + 1 FROM features "
-                               "ORDER BY row DESC LIMIT 1", (self.dim or 0,)).fetchone()
-        kp_end, desc_end, rows = end if end else (0, 0, 0)
-        for name, size in (("keypoints.u16", kp_end * 4), ("descriptors.i8", desc_end),
-                           ("global.f32", rows * 4 * (self.global_dim or 0))):
-            path = self._path(name)
-            if path.exists() and path.stat().st_size > size:
-                with open(path, "r+b") as fh:
-                    fh.truncate(size)
-
-    def _path(self, name: str) -> Path:
-        return self.folder / name
-
-    def __contains__(self, image_id: str) -> bool:
-        row = self._db.execute("SELECT deleted FROM features WHERE image_id = ?", (image_id,)).fetchone()
-        return row is not None and row[0] == 0
-
-    def count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM features WHERE deleted = 0").fetchone()[0])
-
-    def ids(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT image_id FROM features WHERE deleted = 0 ORDER BY row")]
-
-    def add(self, image_id: str, f: Features) -> None:
-        kp, desc = pack_local(f)
-        self.add_packed(image_id, kp, desc, f.global_desc, f.size)
-
-    def add_packed(self, image_id: str, kp: np.ndarray, desc: np.ndarray, global_desc: np.ndarray,
-                   size: tuple[int, int]) -> None:
-        """Store already packed features (uint16 keypoints, int8 descriptors), as extraction workers send them."""
-        f_global, f_size = np.asarray(global_desc, np.float32), size
-        with self.writing():
-            if self.dim is None:
-                self.dim = desc.shape[1]
-            if self.global_dim is None:
-                self.global_dim = len(f_global)
-            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                 [("dim", str(self.dim)), ("global_dim", str(self.global_dim))])
-            offset = self._append("keypoints.u16", kp) // (2 * 2)
-            desc_offset = self._append("descriptors.i8", desc.reshape(-1))
-            row = self._append("global.f32", f_global) // (4 * self.global_dim)
-            self._db.execute("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                             (image_id, offset, desc_offset, len(kp), row, int(f_size[0]), int(f_size[1])))
-            self._db.commit()
-
-    def _append(self, name: str, arr: np.ndarray) -> int:
-        """Append raw bytes; return the byte offset where they start."""
-        path = self._path(name)
-        with open(path, "ab") as fh:
-            start = fh.tell()
-            fh.write(np.ascontiguousarray(arr).tobytes())
-        return start
-
-    def _map(self, name: str, dtype) -> np.memmap:
-        size = self._path(name).stat().st_size
-        cached = self._maps.get(name)
-        if cached is None or cached[0] != size:
-            cached = (size, np.memmap(self._path(name), dtype=dtype, mode="r"))
-            self._maps[name] = cached
-        return cached[1]
-
-    def meta(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-
-    def set_meta(self, **values) -> None:
-        with self._lock:
-            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in values.items()])
-            self._db.commit()
-
-    def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(keypoints float32 [N x 2], descriptors float32 [N x d], unit length)."""
-        row = self._db.execute("SELECT kp_offset, desc_offset, count FROM features WHERE image_id = ? AND "
-                               "deleted = 0", (image_id,)).fetchone()
-        if row is None:
-            raise KeyError(image_id)
-        off, doff, n = row
-        kp = np.asarray(self._map("keypoints.u16", np.uint16)[2 * off:2 * (off + n)]).reshape(n, 2)
-        desc = np.asarray(self._map("descriptors.i8", np.int8)[doff:doff + self.dim * n]).reshape(n, self.dim)
-        return unpack_local(kp, desc)
-
-    def get_many(self, image_ids: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, tuple[int, int]] | None]:
-        """Packed features of many images with one lookup: (keypoints uint16 [N x 2], descriptors int8
-        [N x d], original (width, height)), or None for an id that is not stored (e.g. deleted meanwhile).
-        The re-ranker matches the int8 descriptors directly (models.rerank)."""
-        found: dict[str, tuple] = {}
-        ids = list(image_ids)
-        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
-            part = ids[start:start + 500]
-            found.update((r[0], r[1:]) for r in self._db.execute(
-                f"SELECT image_id, kp_offset, desc_offset, count, width, height FROM features WHERE deleted = 0 "
-                f"AND image_id IN ({','.join('?' * len(part))})", part))
-        kps, descs = self._map("keypoints.u16", np.uint16), self._map("descriptors.i8", np.int8)
-        out: list[tuple[np.ndarray, np.ndarray, tuple[int, int]] | None] = []
-        for i in ids:
-            if i not in found:
-                out.append(None)
-                continue
-            off, doff, n, w, h = found[i]
-            out.append((np.asarray(kps[2 * off:2 * (off + n)]).reshape(n, 2),
-                        np.asarray(descs[doff:doff + self.dim * n]).reshape(n, self.dim), (int(w), int(h))))
-        return out
-
-    def global_many(self, image_ids: Sequence[str]) -> np.ndarray:
-        """[N x D] float32 global descriptors of many images, in order; a zero row for an id that is not
-        stored (the re-ranker's global refinement reads them for the top-K)."""
-        ids = list(image_ids)
-        rows: dict[str, int] = {}
-        for start in range(0, len(ids), 500):
-            part = ids[start:start + 500]
-            rows.update(self._db.execute(f"SELECT image_id, row FROM features WHERE deleted = 0 AND image_id IN "
-                                         f"({','.join('?' * len(part))})", part).fetchall())
-        out = np.zeros((len(ids), self.global_dim or 0), np.float32)
-        if rows:
-            mat = self._map("global.f32", np.float32).reshape(-1, self.global_dim)
-            for i, image_id in enumerate(ids):
-                if image_id in rows:
-                    out[i] = mat[rows[image_id]]
-        return out
-
-    def global_vectors(self) -> tuple[list[str], np.ndarray]:
-        """(image_ids, [N x D] float32) of the live images, for exact search."""
-        rows = self._db.execute("SELECT image_id, row FROM features WHERE deleted = 0 ORDER BY row").fetchall()
-        if not rows:
-            return [], np.zeros((0, self.global_dim or 0), np.float32)
-        mat = self._map("global.f32", np.float32).reshape(-1, self.global_dim)
-        return [r[0] for r in rows], np.asarray(mat[[r[1] for r in rows]])
-
-    def sample_vectors(self, n: int, seed: int = 0) -> np.ndarray:
-        """[<= n x D] float32 global descriptors of a fixed random sample of the live images; only those rows
-        are read (the monitor's drift check asks for a sample on every pass)."""
-        ids = [r[0] for r in self._db.execute("SELECT image_id FROM features WHERE deleted = 0 ORDER BY row")]
-        if len(ids) > n:
-            ids = [ids[i] for i in np.sort(np.random.default_rng(seed).choice(len(ids), n, replace=False))]
-        return self.global_many(ids)
-
-    def delete(self, image_id: str) -> bool:
-        with self._lock:
-            cur = self._db.execute("UPDATE features SET deleted = 1 WHERE image_id = ? AND deleted = 0", (image_id,))
-            self._db.commit()
-            return cur.rowcount > 0
-
-    def close(self) -> None:
-        self._db.close()
-
-
-class VectorIndex:
-    """A Milvus collection of global descriptors (or the alias in front of one)."""
-
-    def __init__(self, client, name: str):
-        self.client, self.name = client, name
-        self._loaded = False
-
-    @classmethod
-    def connect(cls, name: str, uri: str | None = None):
-        return cls(milvus_client(uri), name)
-
-    def create(self, dim: int, cfg: IndexConfig) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        if self.client.has_collection(self.name):
-            return
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("image_id", DataType.VARCHAR, is_primary=True, max_length=256)
-        schema.add_field("label", DataType.VARCHAR, max_length=256)
-        schema.add_field("domain", DataType.VARCHAR, max_length=32)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-        params = self.client.prepare_index_params()
-        extra = {"M": cfg.hnsw_m, "efConstruction": cfg.ef_construction} if cfg.index_type == "HNSW" else \
-            {"nlist": 128}
-        params.add_index(field_name="vector", index_type=cfg.index_type, metric_type="IP", params=extra)
-        self.client.create_collection(self.name, schema=schema, index_params=params)
-
-    def insert(self, rows: Sequence[dict]) -> None:
-        """Plain inserts of new ids. (An upsert leaves a tombstone per row, and Milvus Lite then searches
-        through an id filter: measured 2.3 s per query and recall 0.65 on 100k rows instead of ms.)"""
-        if rows:
-            self.client.insert(self.name, list(rows))
-
-    def seal(self, timeout_s: float = 3600) -> None:
-        """Flush buffered rows into segments and (re)load, which builds each segment's ANN index now.
-        Milvus Lite otherwise keeps up to 128 MB of rows in an unindexed memtable and indexes merged
-        segments later in the background, and queries meanwhile scan and compete with that build.
-        A Milvus server builds segment indexes asynchronously after the flush: wait for them (Milvus Lite
-        reports them built at once), so that the recall check and the first queries use the real index."""
-        self.client.flush(self.name)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = self.client.describe_index(self.name, "vector") or {}
-            if int(info.get("pending_index_rows", 0)) == 0 and \
-                    int(info.get("indexed_rows", 0)) >= int(info.get("total_rows", 0)):
-                break
-            time.sleep(1)
-        else:
-            raise IlrError(f"Milvus did not finish indexing {self.name} within {timeout_s:.0f} s",
-                           hint="the collection stays usable; run the build again to resume")
-        self.client.release_collection(self.name)
-        self.client.load_collection(self.name)
-        self._loaded = True
-
-    def existing(self, ids: Sequence[str]) -> set[str]:
-        ids, found = list(ids), set()
-        for i in range(0, len(ids), 1000):
-            found |= {r["image_id"] for r in self.client.get(self.name, ids=ids[i:i + 1000], output_fields=["image_id"])}
-        return found
-
-    def delete(self, ids: Sequence[str]) -> None:
-        self.client.delete(self.name, ids=list(ids))
-
-    def search(self, vectors: np.ndarray, k: int, ef: int = 128) -> list[list[dict]]:
-        """Top-k per query: [{image_id, score, label, domain}], best first."""
-        if not self._loaded:
-            self.client.load_collection(self.name)
-            self._loaded = True
-        res = self.client.search(self.name, data=[v.tolist() for v in np.atleast_2d(vectors)], limit=k,
-                                 output_fields=["label", "domain"],
-                                 search_params={"metric_type": "IP", "params": {"ef": max(ef, k), "nprobe": 16}})
-        return [[{"image_id": h["id"] if "id" in h else h["image_id"], "score": float(h["distance"]),
-                  "label": h["entity"]["label"], "domain": h["entity"]["domain"]} for h in hits] for hits in res]
-
-    def count(self) -> int:
-        self.client.flush(self.name) if hasattr(self.client, "flush") else None
-        stats = self.client.get_collection_stats(self.name)
-        return int(stats.get("row_count", 0))
-
-    def alias_target(self, alias: str) -> str | None:
-        quiet = logging.getLogger("pymilvus")
-        level, quiet.level = quiet.level, logging.CRITICAL  # a missing alias is expected, not an error
-        try:
-            return self.client.describe_alias(alias).get("collection_name")
-        except Exception:
-            return None
-        finally:
-            quiet.setLevel(level)
-
-    def point_alias(self, alias: str) -> None:
-        """Create or move `alias` to this collection (atomic for searchers that use the alias)."""
-        current = self.alias_target(alias)
-        if current is None:
-            self.client.create_alias(self.name, alias)
-        elif current != self.name:
-            self.client.alter_alias(self.name, alias)
-
-
-def recall_at_k(index: VectorIndex, ids: list[str], vectors: np.ndarray, k: int, n_queries: int, ef: int,
-                seed: int = 0) -> float:
-    """Mean recall@k of ANN search against exact inner-product search, on stored vectors used as queries."""
-    if len(ids) == 0:
-        return 1.0
-    k = min(k, len(ids))
-    rng = np.random.default_rng(seed)
-    q = rng.choice(len(ids), size=min(n_queries, len(ids)), replace=False)
-    exact = np.argsort(-(vectors[q] @ vectors.T), axis=1)[:, :k]
-    ann = index.search(vectors[q], k, ef)
-    id_arr = np.asarray(ids)
-    return float(np.mean([len(set(id_arr[e]) & {h["image_id"] for h in a}) / k for e, a in zip(exact, ann)]))
+from serving.store import LocalFeatureStore, remove, store_dir, store_new
+from serving.vectors import VectorIndex, collection_name, milvus_client, recall_at_k
 
 
 @dataclass
@@ -384,24 +57,6 @@ def model_key(model, model_ref: str) -> str:
     return f"{prefix}_{h.hexdigest()[:8]}"
 
 
-def store_dir(collection: str) -> Path:
-    return ilr_home() / "local_features" / collection
-
-
-def live(alias: str | None = None, client=None) -> dict | None:
-    """What the alias serves now: {collection, model, dataset, ...} from the collection's store, or None."""
-    alias = alias or index_config().alias
-    index = VectorIndex(client, alias) if client is not None else VectorIndex.connect(alias)
-    name = index.alias_target(alias)
-    if name is None:
-        return None
-    store = LocalFeatureStore(store_dir(name))
-    try:
-        return {"collection": name, **store.meta()}
-    finally:
-        store.close()
-
-
 class _RayExtract:
     """Ray Data map_batches worker: one model per actor; returns packed features (uint16 / int8)."""
 
@@ -413,10 +68,8 @@ class _RayExtract:
         apply_worker_env(env)
 
         model = artifacts.load(Path(model_dir))
-        if not torch.cuda.is_available() and not ecfg.cpu_threads:
-            # Ray pins a fractional-CPU actor's math libraries to one thread (OMP_NUM_THREADS=1); the build is
-            # the only heavy work of its node, so let it use the node's cores, as the in-process path does.
-            ecfg = dataclasses.replace(ecfg, cpu_threads=os.cpu_count() or 1)
+        if not torch.cuda.is_available():  # the build is the only heavy work of its node: all its cores
+            ecfg = with_cpu_threads(ecfg)
         self.extractor = Extractor(model, ecfg, device="cuda" if torch.cuda.is_available() else None)
         self.root = Path(root)
 
@@ -448,7 +101,7 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
     in order of completion; the driver only writes."""
     import ray
 
-    from models.tune import ensure_ray
+    from models.cluster import ensure_ray
 
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
@@ -484,31 +137,6 @@ def collection_lock(name: str, log_fn: Callable[[str], None] = print):
             log_fn(f"another build of {name} is running: waiting for it")
             fcntl.flock(fh, fcntl.LOCK_EX)
         yield
-
-
-def store_new(index: VectorIndex, store: LocalFeatureStore, image_id: str, label: str, domain: str,
-              global_desc: np.ndarray, kp: np.ndarray, desc: np.ndarray, size: tuple[int, int], cfg=None) -> bool:
-    """Add one image unless the collection has it (check and add under the store's write lock, so that two
-    writers — the service and a build's replay — never insert an id twice). False when it was there."""
-    with store.writing():
-        if image_id in store:
-            return False
-        if not index.client.has_collection(index.name):
-            index.create(len(global_desc), cfg or index_config())
-        if not index.existing([image_id]):  # a crash between the Milvus insert and the store: in Milvus already
-            index.insert([{"image_id": image_id, "label": label, "domain": domain,
-                           "vector": np.asarray(global_desc, np.float32).tolist()}])
-        store.add_packed(image_id, kp, desc, global_desc, size)
-        return True
-
-
-def remove(index: VectorIndex, store: LocalFeatureStore, image_id: str) -> bool:
-    """Delete one image from the collection; False when it was not there."""
-    with store.writing():
-        if image_id not in store:
-            return False
-        index.delete([image_id])
-        return store.delete(image_id)
 
 
 def replay_changes(log: ChangeLog, index: VectorIndex, store: LocalFeatureStore, model, ecfg,

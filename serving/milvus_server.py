@@ -12,12 +12,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from data.config import ilr_home
 from data.errors import IlrError
+from data.processes import spawn, wait_until
 
 STATE = "milvus-server.json"
 _children: dict[int, subprocess.Popen] = {}
@@ -74,29 +74,19 @@ def ensure(port: int = 19530, timeout_s: float = 60.0) -> str:
     if uri:
         return uri
     home = ilr_home()
-    (home / "logs").mkdir(parents=True, exist_ok=True)
     port = _free_port(port)
-    exe = Path(sys.executable).with_name("milvus-lite")
-    cmd = [str(exe) if exe.exists() else "milvus-lite", "server", "--data-dir", str(home / "milvus.db"),
-           "--host", "127.0.0.1", "--port", str(port)]
-    log = open(home / "logs" / "milvus.log", "ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)  # outlives the command that started it
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise IlrError(f"the Milvus Lite server exited with code {proc.returncode}",
-                           where=str(home / "logs" / "milvus.log"),
-                           hint="another process may hold the data dir (an `ilr` command still running?)")
-        if _port_open("127.0.0.1", port):
-            uri = f"http://127.0.0.1:{port}"
-            _state_path().write_text(json.dumps({"pid": proc.pid, "port": port, "uri": uri}))
-            _children[proc.pid] = proc
-            return uri
-        time.sleep(0.2)
-    proc.kill()
-    raise IlrError(f"the Milvus Lite server did not start within {timeout_s:.0f} s",
-                   where=str(home / "logs" / "milvus.log"))
+    proc, log = spawn(["milvus-lite", "server", "--data-dir", str(home / "milvus.db"), "--host", "127.0.0.1",
+                       "--port", str(port)], "milvus.log")
+    try:
+        wait_until(lambda: _port_open("127.0.0.1", port), "the Milvus Lite server", timeout_s, proc, log,
+                   poll_s=0.2, hint="another process may hold the data dir (an `ilr` command still running?)")
+    except IlrError:
+        proc.kill()
+        raise
+    uri = f"http://127.0.0.1:{port}"
+    _state_path().write_text(json.dumps({"pid": proc.pid, "port": port, "uri": uri}))
+    _children[proc.pid] = proc
+    return uri
 
 
 def stop() -> bool:

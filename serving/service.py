@@ -5,12 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from data.config import ilr_home, worker_env
-from data.errors import IlrError
+from data import processes
+from data.processes import wait_until
 from serving import milvus_server
 from serving.config import ServeConfig, serve_config
 
@@ -25,20 +24,21 @@ def wait_healthy(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | No
                  need_index: bool = False) -> dict:
     import httpx
 
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise IlrError(f"the service exited with code {proc.returncode}", where=str(ilr_home() / "logs" / "serve.log"))
+    seen = ["no answer"]
+
+    def healthy() -> dict | None:
         try:
             r = httpx.get(f"{url}/healthz", timeout=5)
-            if r.status_code == 200 and (not need_index or r.json().get("status") == "ok"):
-                return r.json()
-            last = r.text[:200]
         except httpx.HTTPError as e:
-            last = str(e)
-        time.sleep(0.5)
-    raise IlrError(f"the service at {url} is not healthy after {timeout_s:.0f} s ({last})")
+            seen[0] = str(e)
+            return None
+        if r.status_code == 200 and (not need_index or r.json().get("status") == "ok"):
+            return r.json()
+        seen[0] = r.text[:200]
+        return None
+
+    return wait_until(healthy, f"the service at {url}", timeout_s, proc, ilr_home() / "logs" / "serve.log",
+                      last=lambda: seen[0])
 
 
 def start(cfg: ServeConfig | None = None, extra_apps: tuple = ()) -> str:
@@ -46,7 +46,7 @@ def start(cfg: ServeConfig | None = None, extra_apps: tuple = ()) -> str:
     the Serve graph plus any extra Serve apps [(app, name, route_prefix)]; returns the base URL."""
     from ray import serve
 
-    from models.tune import ensure_ray
+    from models.cluster import ensure_ray
     from serving.app import build_app, current_env
 
     cfg = cfg or serve_config()
@@ -106,13 +106,8 @@ def spawn(args: list[str], cfg: ServeConfig, timeout_s: float = 300.0) -> str:
     st = running()
     if st:
         return st["url"]
-    (ilr_home() / "logs").mkdir(parents=True, exist_ok=True)
     milvus_server.ensure()  # owned by no service: index builds keep working while the service restarts
-    exe = Path(sys.executable).with_name("ilr")
-    log = open(ilr_home() / "logs" / "serve.log", "ab")
-    proc = subprocess.Popen([str(exe) if exe.exists() else "ilr", "serve", *args], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, **worker_env()})
+    proc, _ = processes.spawn(["ilr", "serve", *args], "serve.log", {**os.environ, **worker_env()})
     url = url_of(cfg)
     wait_healthy(url, timeout_s, proc)
     return url

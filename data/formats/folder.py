@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from data.errors import DataFormatError
-from data.formats import Source
+from data.formats.common import Source
 from data.images import IMAGE_EXTENSIONS
 from data.manifest import check_unique_ids, safe_id
 

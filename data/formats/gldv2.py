@@ -21,7 +21,7 @@ import pandas as pd
 
 from data.config import NO_LABEL
 from data.errors import DataFormatError
-from data.formats import Source, hash_split, read_csv
+from data.formats.common import Source, hash_split, read_csv
 from data.manifest import check_image_id, check_labels, check_unique_ids
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from data.config import NO_LABEL
 from data.errors import DataFormatError
-from data.formats import Source
+from data.formats.common import Source
 from data.manifest import check_unique_ids, safe_id
 
 

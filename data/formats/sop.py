@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from data.errors import DataFormatError
-from data.formats import Source, hash_split, read_csv
+from data.formats.common import Source, hash_split, read_csv
 from data.manifest import check_labels, check_unique_ids
 
 

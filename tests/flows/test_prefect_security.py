@@ -1,4 +1,4 @@
-"""The local Prefect server ilr starts (flows.deployments.ensure_prefect_server) is protected: basic auth with
+"""The local Prefect server ilr starts (flows.prefect_server.ensure_prefect_server) is protected: basic auth with
 the workspace's random string, CORS limited to its own origin, CSRF protection on; ilr's clients get the
 auth string; a server that is not such a one is refused, not silently used."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from data.errors import IlrError
-from flows import deployments as dep
+from flows import prefect_server as dep
 
 pytestmark = pytest.mark.integration
 

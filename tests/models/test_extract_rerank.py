@@ -6,8 +6,9 @@ import torch
 from models.config import ExtractConfig, RerankConfig
 from models.delg import DELG
 from models.config import ModelConfig
-from models.extract import Extractor, Features, bucket_size, pack_local, unpack_local
-from models.rerank import ranking_score, Reranker, mutual_matches, recognition_score, verify
+from models.extract import Extractor, bucket_size
+from models.features import Features, pack_local, unpack_local
+from models.rerank import ranking_score, Reranker, recognition_score
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,22 @@ def test_compact_storage_is_a_quarter_and_close(extractor):
     assert np.abs((back * f.descriptors).sum(1) - 1).max() < 5e-3
 
 
+def mutual_matches(q: np.ndarray, d: np.ndarray, max_distance: float) -> np.ndarray:
+    """The plain reference of models.rerank.mutual_matches_many, one pair of images: mutual nearest neighbours of
+    unit descriptors within an L2 distance. q: [N x d], d: [M x d] ->
+    [P x 2] index pairs (query, database)."""
+    if len(q) == 0 or len(d) == 0:
+        return np.zeros((0, 2), np.int64)
+    sim = q @ d.T
+    nn12 = sim.argmax(axis=1)
+    nn21 = sim.argmax(axis=0)
+    ids = np.arange(len(q))
+    mutual = nn21[nn12] == ids
+    close = sim[ids, nn12] >= 1.0 - max_distance ** 2 / 2  # |a-b|^2 = 2 - 2 a.b for unit vectors
+    keep = mutual & close
+    return np.stack([ids[keep], nn12[keep]], axis=1)
+
+
 def _scene(n=300, seed=0):
     rng = np.random.default_rng(seed)
     kp = rng.uniform(0, 400, (n, 2)).astype(np.float32)
@@ -74,10 +91,11 @@ def test_verify_finds_affine_inliers():
     kp2 = kp @ A[:, :2].T + A[:, 2]
     noisy = desc + np.random.default_rng(1).normal(scale=0.05, size=desc.shape).astype(np.float32)
     noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
-    cfg = RerankConfig()
-    assert verify(kp, desc, kp2, noisy, cfg) > 250
+    reranker = Reranker(RerankConfig())
     other_kp, other_desc = _scene(seed=7)
-    assert verify(kp, desc, other_kp, other_desc, cfg) < 10  # chance agreement of random matches
+    same, other = reranker.inliers(kp, desc, [(kp2, noisy), (other_kp, other_desc)])
+    assert same > 250
+    assert other < 10  # chance agreement of random matches
     assert len(mutual_matches(desc, noisy, 0.9)) > 250
 
 

@@ -13,7 +13,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from serving.index import IndexConfig, VectorIndex, recall_at_k  # noqa: E402
+from serving.config import IndexConfig  # noqa: E402
+from serving.vectors import VectorIndex, recall_at_k  # noqa: E402
 
 
 def main() -> None:

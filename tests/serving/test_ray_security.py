@@ -1,4 +1,4 @@
-"""Ray as ilr starts it (models.tune.ensure_ray): token authentication on, and every socket on loopback.
+"""Ray as ilr starts it (models.cluster.ensure_ray): token authentication on, and every socket on loopback.
 
 The Ray under test runs in a child process, so that it never meets the in-process Ray of other tests in the
 same pytest worker; its HOME is a temporary folder, so that Ray generates a fresh token there and never
@@ -33,7 +33,7 @@ RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PAT
 # its facts as one JSON line, and Ray shut down when stdin says so (or closes).
 CHILD = r"""
 import json, os, sys
-from models.tune import ensure_ray
+from models.cluster import ensure_ray
 ensure_ray(dashboard=True)
 import ray
 @ray.remote
@@ -144,7 +144,7 @@ def test_ray_listens_on_loopback_only(local_ray):
 def test_auth_mode_default_and_opt_out(tmp_path):
     """Unset: ensure_ray's helper sets RAY_AUTH_MODE=token and Ray sees it; a user's `disabled` is honoured,
     with a warning."""
-    check = ("import os; from models.tune import _require_token_auth; _require_token_auth(); "
+    check = ("import os; from models.cluster import _require_token_auth; _require_token_auth(); "
              "from ray._raylet import get_authentication_mode, AuthenticationMode; "
              "print(os.environ['RAY_AUTH_MODE'], get_authentication_mode() == AuthenticationMode.TOKEN)")
     unset = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=_child_env(tmp_path),

@@ -38,7 +38,7 @@ def test_workspace_is_private_and_a_blank_token_is_never_used(home, monkeypatch)
 
 
 def test_bearer_and_host_checks():
-    from serving.app import bearer_ok, host_allowed
+    from serving.http import bearer_ok, host_allowed
     from serving.config import ServeConfig
 
     token = "t" * 20

@@ -274,7 +274,8 @@ def test_api_changes_survive_a_new_champion_and_a_swap(service):
     from models import registry, tracking
     from models.artifacts import off_the_shelf
     from serving.client import Client
-    from serving.index import LocalFeatureStore, build, store_dir
+    from serving.index import build
+    from serving.store import LocalFeatureStore, store_dir
 
     client = Client(service["url"], token="test-token-0123456789")
     df, folder = service["df"], service["folder"]

@@ -1,0 +1,51 @@
+"""The workspace's background processes — the service, the Milvus Lite server, the Prefect server, a
+retrain — started one way: detached from the command that starts them (they outlive it), their output in
+`$ILR_HOME/logs/`, and waited for until they answer or exit."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from data.config import ilr_home
+from data.errors import IlrError
+
+T = TypeVar("T")
+
+
+def venv_exe(name: str) -> str:
+    """The console script `name` of this interpreter's environment (the .venv), else the one on PATH."""
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.exists() else name
+
+
+def spawn(cmd: list[str], log_name: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start `cmd` (its first element a console script of the environment) in its own session, output
+    appended to $ILR_HOME/logs/<log_name>; returns the process and the log's path."""
+    logs = ilr_home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / log_name
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([venv_exe(cmd[0]), *cmd[1:]], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    return proc, log
+
+
+def wait_until(ready: Callable[[], T | None], what: str, timeout_s: float, proc: subprocess.Popen | None = None,
+               log: Path | None = None, poll_s: float = 0.5, hint: str | None = None,
+               last: Callable[[], str] | None = None) -> T:
+    """Call `ready()` until it returns something truthy; IlrError (naming the log) when `proc` exits first
+    or `timeout_s` passes. `last()` may say what was seen last, for the timeout message."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise IlrError(f"{what} exited with code {proc.returncode}", where=str(log) if log else None, hint=hint)
+        out = ready()
+        if out:
+            return out
+        time.sleep(poll_s)
+    seen = f" ({last()})" if last else ""
+    raise IlrError(f"{what} did not answer within {timeout_s:.0f} s{seen}", where=str(log) if log else None,
+                   hint=hint)
