@@ -132,3 +132,18 @@ def test_recall_at_k_hand_count_and_reference():
     r = recall_at_k(orders, positives, (1, 2, 3))
     assert r == {"recall_at_1": 0.5, "recall_at_2": 0.5, "recall_at_3": 1.0}
     assert r["recall_at_1"] == official.sop_recall(sims, labels, (1,))[1]
+
+
+def test_revisited_crop_keeps_the_stored_orientation_and_pads_outside(tmp_path):
+    from PIL import Image
+
+    from models.evaluate import _revisited_crop
+
+    img = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": revisitop crops the pixels as stored, not the rotated view
+    img.save(tmp_path / "q.jpg", exif=exif.tobytes(), quality=95)
+    crop = _revisited_crop({"path": "q.jpg", "bbox": [30.0, 10.0, 50.0, 25.0]}, tmp_path)
+    assert crop.shape == (15, 20, 3)
+    assert crop[:5, :5].mean(axis=(0, 1))[0] > 150          # inside the stored 40 x 20 image: red
+    assert crop[-3:, -3:].max() == 0 and crop[:, -5:].max() == 0  # outside: black, as PIL pads
