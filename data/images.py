@@ -104,6 +104,25 @@ def decode_scaled(data: bytes, where: str, max_side: int, max_pixels: int = 40_0
     return np.asarray(img), (w, h)
 
 
+def thumbnail_jpeg(image, side: int = 256, quality: int = 80) -> bytes:
+    """A small JPEG (longest side `side`) of an RGB array or PIL image, aspect kept."""
+    img = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
+    img = img.convert("RGB")
+    img.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def file_thumbnail(path: Path | str, side: int = 256, max_pixels: int = 40_000_000) -> bytes | None:
+    """thumbnail_jpeg() of an image file (JPEG decoded at a reduced scale), None when it cannot be read."""
+    try:
+        arr, _ = decode_scaled(Path(path).read_bytes(), str(path), side, max_pixels=max_pixels, min_side_px=1)
+    except (OSError, ImageError):
+        return None
+    return thumbnail_jpeg(arr, side)
+
+
 def load_rgb(path: Path | str, max_pixels: int = 40_000_000, min_side_px: int = 1) -> np.ndarray:
     """Read a file into an RGB uint8 array [H x W x 3]."""
     path = Path(path)

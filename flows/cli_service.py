@@ -79,12 +79,15 @@ def stop_cmd(keep_milvus: bool = typer.Option(False, help="leave the Milvus Lite
 def query_cmd(image: Path = typer.Argument(..., help="query image file"),
               top_k: int = typer.Option(10, "--top-k", "-k", help="results to show (1..100)"),
               rerank: bool = typer.Option(True, help="re-rank with local features"),
-              url: str = typer.Option(None, help="service URL (default $ILR_URL or http://127.0.0.1:8000)")):
+              url: str = typer.Option(None, help="service URL (default $ILR_URL or http://127.0.0.1:8000)"),
+              show: Optional[Path] = typer.Option(None, "--show", help="write a PNG: the query beside its top results "
+                                                                        "(at most 5) with the verified matches drawn")):
     """Search the running service with an image and print the ranked matches."""
     from serving.client import Client
 
+    client = Client(url)
     try:
-        res = Client(url).search(image, top_k=top_k, rerank=rerank)
+        res = client.search(image, top_k=top_k, rerank=rerank, return_matches=show is not None)
     except IlrError as e:
         _fail(e)
     except Exception as e:  # connection refused and the like
@@ -100,6 +103,17 @@ def query_cmd(image: Path = typer.Argument(..., help="query image file"),
                       "-" if r["inliers"] is None else str(r["inliers"]), f"{r['score']:.3f}")
     console.print(table)
     console.print("timings (ms): " + ", ".join(f"{k[:-3]} {v:.0f}" for k, v in res["timings_ms"].items()))
+    if show is not None:
+        from PIL import Image
+
+        from data.images import load_rgb
+        from serving.picture import matches_picture
+
+        top = res["results"][:5]
+        picture = matches_picture(Image.fromarray(load_rgb(image)), top, [client.thumbnail(r["image_id"]) for r in top])
+        show.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(show, "PNG")
+        console.print(f"matches drawn in {show} (green: verified inliers, red: rejected putative matches)")
 
 
 @commands.command("demo")

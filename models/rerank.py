@@ -143,15 +143,21 @@ def threshold_px(cfg: RerankConfig, size: tuple[int, int] | None) -> float:
     return cfg.ransac_threshold_px * max(1.0, max(size) / cfg.threshold_reference_px)
 
 
-def _ransac(q_kp: np.ndarray, c_kp: np.ndarray, m: np.ndarray, cfg: RerankConfig,
-            c_size: tuple[int, int] | None = None) -> int:
+def _ransac_mask(q_kp: np.ndarray, c_kp: np.ndarray, m: np.ndarray, cfg: RerankConfig,
+                 c_size: tuple[int, int] | None = None) -> np.ndarray:
+    """[P] bool: which putative matches the affine model verifies (all False below the minimum)."""
     if len(m) < max(3, cfg.min_inliers):
-        return 0
+        return np.zeros(len(m), bool)
     _, mask = cv2.estimateAffine2D(q_kp[m[:, 0]].astype(np.float32), c_kp[m[:, 1]].astype(np.float32),
                                    method=_METHODS[cfg.ransac], ransacReprojThreshold=threshold_px(cfg, c_size),
                                    maxIters=cfg.ransac_iters, confidence=0.999)
-    n = int(mask.sum()) if mask is not None else 0
-    return n if n >= cfg.min_inliers else 0
+    keep = mask.ravel().astype(bool) if mask is not None else np.zeros(len(m), bool)
+    return keep if keep.sum() >= cfg.min_inliers else np.zeros(len(m), bool)
+
+
+def _ransac(q_kp: np.ndarray, c_kp: np.ndarray, m: np.ndarray, cfg: RerankConfig,
+            c_size: tuple[int, int] | None = None) -> int:
+    return int(_ransac_mask(q_kp, c_kp, m, cfg, c_size).sum())
 
 
 class Reranker:
@@ -169,6 +175,16 @@ class Reranker:
         jobs = self._pool.map(lambda cm: _ransac(q_kp, cm[0][0], cm[1], self.cfg, cm[0][2] if len(cm[0]) > 2 else None),
                               zip(candidates, matches))
         return np.fromiter(jobs, dtype=np.int64, count=len(candidates))
+
+    def correspondences(self, q_kp, q_desc, candidate: tuple) -> dict[str, list]:
+        """The putative matches of the query against one candidate, split by the geometric check (the same
+        matching and RANSAC as inliers()): {"inliers": [[qx, qy, cx, cy], ...], "outliers": [...]}, in the
+        keypoints' own pixels (original-image pixels as stored)."""
+        m = mutual_matches_many(q_desc, [candidate[1]], self.cfg.max_distance, ratio=self.cfg.ratio)[0]
+        keep = _ransac_mask(q_kp, candidate[0], m, self.cfg, candidate[2] if len(candidate) > 2 else None)
+        pairs = np.concatenate([np.asarray(q_kp, np.float32)[m[:, 0]], np.asarray(candidate[0], np.float32)[m[:, 1]]],
+                               axis=1).round(1) if len(m) else np.zeros((0, 4), np.float32)
+        return {"inliers": pairs[keep].tolist(), "outliers": pairs[~keep].tolist()}
 
     def rerank(self, q_kp, q_desc, candidates, global_scores: np.ndarray, q_global: np.ndarray | None = None,
                cand_global: np.ndarray | None = None) -> Reranked:

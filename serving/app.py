@@ -132,6 +132,10 @@ class Ingress:
             raise ApiError(422, "invalid_parameter", f"top_k must be between 1 and {self.cfg.max_top_k}, "
                                                      f"got {top_k}")
         rerank = as_bool(fields.get("rerank", True), "rerank")
+        # correspondences of the first results, for the search page and `ilr query --show` (costs a second
+        # matching of those few candidates; nothing without it)
+        with_matches = min(top_k, self.cfg.max_match_results) if as_bool(
+            fields.get("return_matches", False), "return_matches") else 0
         image, size = await self._decode(data, timings)
         state = await self._live()
         q = await self._features(image, size, state, timings)
@@ -143,7 +147,7 @@ class Ingress:
         timings["search_ms"] = (time.perf_counter() - t) * 1000
         if rerank and hits:
             t = time.perf_counter()
-            reranked = await self._call(self.reranker.rerank, state["collection"], q, hits)
+            reranked = await self._call(self.reranker.rerank, state["collection"], q, hits, with_matches)
             timings["rerank_ms"] = (time.perf_counter() - t) * 1000
             hits, timings["rerank_compute_ms"] = reranked["hits"], reranked["compute_ms"]
         else:
@@ -165,8 +169,10 @@ class Ingress:
                 "results": [{"rank": i + 1, "image_id": h["image_id"], "label": h["label"],
                              "domain": h["domain"], "global_score": round(h["score"], 5),
                              "inliers": h["inliers"], "score": round(h["final_score"], 5),
-                             "recognition_score": round(h["recognition"], 5)}
-                            for i, h in enumerate(hits)]}
+                             "recognition_score": round(h["recognition"], 5),
+                             **({"matches": h["matches"], "size": h["size"]} if "matches" in h else {})}
+                            for i, h in enumerate(hits)],
+                **({"query_size": list(q["size"])} if with_matches else {})}
 
     async def _measure(self, endpoint: str, coro):
         t = time.perf_counter()
@@ -254,9 +260,13 @@ class Ingress:
             finally:
                 log.close()
 
+            from data.images import thumbnail_jpeg
+
+            thumb = await asyncio.to_thread(thumbnail_jpeg, image)
+
             async def apply(st: dict) -> None:
                 q = await self._features(image, size, st, {})
-                await self._call(self.searcher.add, st["collection"], image_id, label, domain, q)
+                await self._call(self.searcher.add, st["collection"], image_id, label, domain, q, thumb)
 
             state = await self._on_live(state, apply)
             body = {"image_id": image_id, "label": label, "domain": domain, "index": state["collection"]}
@@ -288,6 +298,39 @@ class Ingress:
             state = await self._on_live(state, apply)
             return {"deleted": image_id, "index": state["collection"]}
         return await self._measure("index_delete", run())
+
+    @api.get("/v1/index/images/{image_id}/thumbnail", summary="A small JPEG of an index image")
+    async def thumbnail(self, image_id: str):
+        from data.manifest import check_image_id
+
+        try:
+            check_image_id(image_id, "image_id")
+        except IlrError as e:
+            raise ApiError(422, "bad_image_id", e.what) from None
+        state = await self._live()
+        jpeg = await self._call(self.searcher.thumbnail, state["collection"], image_id)
+        if jpeg is None:
+            raise ApiError(404, "not_found", f"no thumbnail of {image_id!r} in the live index")
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+    @api.get("/ui", include_in_schema=False)
+    @api.get("/ui/", include_in_schema=False)
+    async def ui_page(self):
+        from serving import ui
+
+        return Response(ui.PAGE, media_type="text/html; charset=utf-8", headers={"Content-Security-Policy": ui.CSP})
+
+    @api.get("/ui/app.js", include_in_schema=False)
+    async def ui_script(self):
+        from serving import ui
+
+        return Response(ui.SCRIPT, media_type="text/javascript; charset=utf-8")
+
+    @api.get("/ui/app.css", include_in_schema=False)
+    async def ui_style(self):
+        from serving import ui
+
+        return Response(ui.STYLE, media_type="text/css; charset=utf-8")
 
     @api.get("/healthz", summary="Liveness plus the model and index versions served now")
     async def healthz(self):

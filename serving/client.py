@@ -67,10 +67,19 @@ class Client:
                 raise IlrError("file not found", where=str(path)) from None
         return "image", bytes(image)
 
-    def search(self, image, top_k: int = 10, rerank: bool = True) -> dict:
+    def search(self, image, top_k: int = 10, rerank: bool = True, return_matches: bool = False) -> dict:
         name, data = self._image(image)
-        return self._check(self.http.post("/v1/search", files={"image": (name, data)},
-                                          data={"top_k": str(top_k), "rerank": str(rerank).lower()}))
+        fields = {"top_k": str(top_k), "rerank": str(rerank).lower(),
+                  **({"return_matches": "true"} if return_matches else {})}
+        return self._check(self.http.post("/v1/search", files={"image": (name, data)}, data=fields))
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The small JPEG the index keeps of an image, or None."""
+        r = self.http.get(f"/v1/index/images/{image_id}/thumbnail")
+        if r.status_code == 404:
+            return None
+        self._check(r) if r.status_code >= 400 else None
+        return r.content
 
     def recognize(self, image) -> dict:
         name, data = self._image(image)

@@ -27,6 +27,7 @@ class ServeConfig:
     extractor_gpus: float = 0.0         # > 0 on clusters with GPUs
     recent_embeddings: int = 1000       # query descriptors kept for drift monitoring
     max_embeddings: int = 2000          # most vectors /v1/monitoring/embeddings returns per list
+    max_match_results: int = 10         # results that get their correspondences with return_matches=true
     app_name: str = "ilr"
     # hardening: a cheap request must not exhaust the service
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted; () = loopback names when bound to loopback, else any

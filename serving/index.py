@@ -24,6 +24,7 @@ import numpy as np
 from data import manifest
 from data.config import apply_worker_env, ilr_home, worker_env
 from data.errors import IlrError
+from data.images import file_thumbnail
 from data.versioning import dataset_dir
 from models.extract import Extractor, with_cpu_threads
 from models.features import pack_local
@@ -143,7 +144,7 @@ def replay_changes(log: ChangeLog, index: VectorIndex, store: LocalFeatureStore,
                    cfg: IndexConfig) -> tuple[int, int]:
     """Bring the collection in line with the API's change log: (added, deleted). Added images are extracted
     from their stored bytes with this collection's model."""
-    from data.images import decode
+    from data.images import decode, thumbnail_jpeg
 
     added = deleted = 0
     extractor = None
@@ -155,7 +156,7 @@ def replay_changes(log: ChangeLog, index: VectorIndex, store: LocalFeatureStore,
             image = np.asarray(decode(log.blob(change), f"API add {image_id}"))
             f = extractor.extract([image])[0]
             added += store_new(index, store, image_id, change.label, change.domain,
-                               f.global_desc.astype(np.float32), *pack_local(f), f.size, cfg)
+                               f.global_desc.astype(np.float32), *pack_local(f), f.size, cfg, thumbnail_jpeg(image))
     return added, deleted
 
 
@@ -229,6 +230,13 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
                 store.add_packed(i, kp, desc, g, size)
             done += len(part)
             progress and progress(done, len(todo))
+        missing = store.without_thumbnail(list(rows["image_id"]))  # new images, and collections built before
+        if missing:
+            paths = dict(zip(rows["image_id"], rows["path"]))
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                for image_id, jpeg in zip(missing, pool.map(lambda i: file_thumbnail(folder / paths[i]), missing)):
+                    if jpeg:
+                        store.put_thumbnail(image_id, jpeg)
         replayed = replay_changes(log, index, store, model, ecfg, cfg)
         if any(replayed):
             log_fn(f"API changes replayed: {replayed[0]} added, {replayed[1]} deleted")

@@ -38,6 +38,7 @@ class LocalFeatureStore:
                          "desc_offset INTEGER, count INTEGER, row INTEGER, width INTEGER, height INTEGER, "
                          "deleted INTEGER DEFAULT 0)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS thumbs (image_id TEXT PRIMARY KEY, jpeg BLOB)")
         self._lock, self._held = threading.RLock(), False
         self._maps: dict[str, tuple[int, np.memmap]] = {}
         with self.writing():  # a writer in another process may be between its append and its commit
@@ -200,6 +201,32 @@ class LocalFeatureStore:
             ids = [ids[i] for i in np.sort(np.random.default_rng(seed).choice(len(ids), n, replace=False))]
         return self.global_many(ids)
 
+    def put_thumbnail(self, image_id: str, jpeg: bytes) -> None:
+        """A small JPEG of the image (the search page and `ilr query --show` draw matches on it)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO thumbs VALUES (?, ?)", (image_id, jpeg))
+            self._db.commit()
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        row = self._db.execute("SELECT t.jpeg FROM thumbs t JOIN features f ON f.image_id = t.image_id "
+                               "WHERE t.image_id = ? AND f.deleted = 0", (image_id,)).fetchone()
+        return row[0] if row else None
+
+    def without_thumbnail(self, image_ids: Sequence[str]) -> list[str]:
+        have = {r[0] for r in self._db.execute("SELECT image_id FROM thumbs")}
+        return [i for i in image_ids if i not in have]
+
+    def sizes(self, image_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Original (width, height) of stored images."""
+        ids = list(image_ids)
+        out: dict[str, tuple[int, int]] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            out.update((r[0], (int(r[1]), int(r[2]))) for r in self._db.execute(
+                f"SELECT image_id, width, height FROM features WHERE deleted = 0 AND image_id IN "
+                f"({','.join('?' * len(part))})", part))
+        return out
+
     def delete(self, image_id: str) -> bool:
         with self._lock:
             cur = self._db.execute("UPDATE features SET deleted = 1 WHERE image_id = ? AND deleted = 0", (image_id,))
@@ -235,7 +262,8 @@ def live(alias: str | None = None, client=None, stores: dict[str, LocalFeatureSt
 
 
 def store_new(index: VectorIndex, store: LocalFeatureStore, image_id: str, label: str, domain: str,
-              global_desc: np.ndarray, kp: np.ndarray, desc: np.ndarray, size: tuple[int, int], cfg=None) -> bool:
+              global_desc: np.ndarray, kp: np.ndarray, desc: np.ndarray, size: tuple[int, int], cfg=None,
+              thumbnail: bytes | None = None) -> bool:
     """Add one image unless the collection has it (check and add under the store's write lock, so that two
     writers — the service and a build's replay — never insert an id twice). False when it was there."""
     with store.writing():
@@ -247,6 +275,8 @@ def store_new(index: VectorIndex, store: LocalFeatureStore, image_id: str, label
             index.insert([{"image_id": image_id, "label": label, "domain": domain,
                            "vector": np.asarray(global_desc, np.float32).tolist()}])
         store.add_packed(image_id, kp, desc, global_desc, size)
+        if thumbnail:
+            store.put_thumbnail(image_id, thumbnail)
         return True
 
 

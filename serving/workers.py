@@ -123,7 +123,8 @@ class SearcherWorker:
     def exists(self, collection: str, image_id: str) -> bool:
         return image_id in self._store(collection)
 
-    def add(self, collection: str, image_id: str, label: str, domain: str, feats: dict) -> bool:
+    def add(self, collection: str, image_id: str, label: str, domain: str, feats: dict,
+            thumbnail: bytes | None = None) -> bool:
         """Add unless the collection has the id (checked and added under the store's write lock, so a retried
         or concurrent add never inserts twice); False when it was there."""
         from models.features import pack_keypoints
@@ -131,12 +132,15 @@ class SearcherWorker:
 
         return store_new(self._index(collection), self._store(collection), image_id, label, domain,
                          feats["global"], pack_keypoints(feats["keypoints"]), feats["descriptors"], feats["size"],
-                         self.icfg)
+                         self.icfg, thumbnail)
 
     def delete(self, collection: str, image_id: str) -> bool:
         from serving.store import remove
 
         return remove(self._index(collection), self._store(collection), image_id)
+
+    def thumbnail(self, collection: str, image_id: str) -> bytes | None:
+        return self._store(collection).thumbnail(image_id)
 
     def index_sample(self, collection: str, n: int) -> np.ndarray:
         """Up to n stored global vectors, a fixed sample: only those n rows are read."""
@@ -155,8 +159,10 @@ class RerankerWorker:
         self.reranker = Reranker(rerank_config())
         self.stores: dict[str, Any] = {}
 
-    def rerank(self, collection: str, q: dict, hits: list[dict]) -> dict:
-        """{"hits": re-ordered hits with inliers and final_score, "compute_ms": time spent here}."""
+    def rerank(self, collection: str, q: dict, hits: list[dict], matches_for: int = 0) -> dict:
+        """{"hits": re-ordered hits with inliers and final_score, "compute_ms": time spent here}; the first
+        `matches_for` hits also get their correspondences ("matches": inliers and rejected putative matches,
+        query xy <-> result xy in original-image pixels) and the result's original "size"."""
         from models.features import unpack_local
         from serving.store import open_store
 
@@ -170,6 +176,9 @@ class RerankerWorker:
         r = self.reranker.rerank(q_kp, q_desc, cands,
                                  np.array([h["score"] for h in hits], np.float32),
                                  *((q["global"], store.global_many([h["image_id"] for h in hits])) if refine else ()))
-        return {"hits": [{**hits[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i]),
-                          "recognition": float(r.recognition[i])} for i in r.order],
-                "compute_ms": (time.perf_counter() - t) * 1000}
+        out = [{**hits[i], "inliers": int(r.inliers[i]), "final_score": float(r.scores[i]),
+                "recognition": float(r.recognition[i])} for i in r.order]
+        for h, i in zip(out[:matches_for], r.order[:matches_for]):
+            h["matches"] = self.reranker.correspondences(q_kp, q_desc, cands[i])
+            h["size"] = list(cands[i][2]) if cands[i][2] is not None else None
+        return {"hits": out, "compute_ms": (time.perf_counter() - t) * 1000}

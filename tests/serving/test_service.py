@@ -5,6 +5,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -249,6 +250,47 @@ def test_bad_requests_get_4xx_not_500(service):
     assert r.headers["x-content-type-options"] == "nosniff"
 
 
+def test_matches_thumbnails_and_the_picture(service, tmp_path):
+    """return_matches gives the verified correspondences of the first results in original-image pixels; the
+    index keeps thumbnails (built and added images); `ilr query --show` draws them."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from serving.client import Client
+
+    client = Client(service["url"], token="test-token-0123456789")
+    q = _queries(service).iloc[0]
+    path = service["folder"] / q["path"]
+    plain = client.search(path, top_k=5)
+    res = client.search(path, top_k=5, return_matches=True)
+    assert [r["image_id"] for r in res["results"]] == [r["image_id"] for r in plain["results"]]
+    assert "matches" not in plain["results"][0]
+    top = res["results"][0]
+    qw, qh = res["query_size"]
+    w, h = top["size"]
+    assert len(top["matches"]["inliers"]) == top["inliers"] > 0
+    pts = np.array(top["matches"]["inliers"] + top["matches"]["outliers"])
+    assert (pts[:, 0] <= qw + 1).all() and (pts[:, 1] <= qh + 1).all() and (pts[:, 2] <= w + 1).all() \
+        and (pts[:, 3] <= h + 1).all()
+    thumb = service["http"].get(f"/v1/index/images/{top['image_id']}/thumbnail")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
+    _assert_error(service["http"].get("/v1/index/images/nope-not-there/thumbnail"), 404)
+    _assert_error(service["http"].get("/v1/index/images/.hidden/thumbnail"), 422)
+    client.add(path, "thumb-added-1", label="t")
+    try:
+        assert client.thumbnail("thumb-added-1")  # an image added through the API gets one too
+    finally:
+        client.delete("thumb-added-1")
+    out = tmp_path / "matches.png"
+    r = CliRunner().invoke(app, ["query", str(path), "--top-k", "3", "--url", service["url"], "--show", str(out)])
+    assert r.exit_code == 0, r.output
+    picture = Image.open(out)
+    assert picture.format == "PNG" and picture.height > 3 * 200
+    green = np.all(np.asarray(picture.convert("RGB")) == (40, 200, 90), axis=2).sum()
+    assert green > 50  # the inlier lines are drawn
+
+
 def test_labels_are_printed_as_text_not_markup(service):
     from typer.testing import CliRunner
 
@@ -323,3 +365,38 @@ def test_api_changes_survive_a_new_champion_and_a_swap(service):
         time.sleep(0.5)
     hits = client.search(folder / q["path"], top_k=50)["results"]
     assert hits[0]["label"] in ("api-label", "swap") and gone not in {h["image_id"] for h in hits}
+
+
+def test_search_page_in_a_real_browser(service, tmp_path):
+    """Headless Chromium drives /ui: choose a photo, see thumbnails and the drawn correspondences; a
+    non-image shows the API's own message. Screenshots go to test-artifacts/ for a person to look at."""
+    from tests.serving.cdp import Browser
+
+    shots = Path(__file__).resolve().parents[2] / "test-artifacts"
+    page = service["http"].get("/ui")
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    script = service["http"].get("/ui/app.js").text
+    assert "test-token-0123456789" not in page.text + script and "cdn" not in (page.text + script).lower()
+    query = service["folder"] / _queries(service).iloc[0]["path"]
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.goto(f"{service['url']}/ui")
+        browser.upload("#file", query)
+        n = browser.wait_for("document.querySelectorAll('#results button').length")
+        assert n == 10
+        drawn = browser.wait_for("Number(document.getElementById('canvas').dataset.drawn || 0)")
+        assert drawn > 0
+        browser.wait_for("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        browser.screenshot(shots / "search-page.png")
+        bad = tmp_path / "not-an-image.jpg"
+        bad.write_bytes(b"this is text, not a photo")
+        browser.upload("#file", bad)
+        message = browser.wait_for("!document.getElementById('error').hidden && document.getElementById('error').textContent")
+        assert "not an image" in message
+        browser.screenshot(shots / "search-page-error.png")
+        browser.goto(f"{service['url']}/dashboard/")
+        browser.screenshot(shots / "dashboard.png")
+    finally:
+        browser.close()
+    assert (shots / "search-page.png").stat().st_size > 10_000
