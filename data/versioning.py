@@ -11,8 +11,6 @@ so bad input leaves the store, git and DVC as they were.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +28,7 @@ from data import manifest, synthetic
 from data.config import DataConfig, data_config, ilr_home, repo_root
 from data.errors import DataFormatError, ImageError, VersioningError
 from data.formats import Source, get_reader
+from data.locks import workspace_lock
 from data.images import IMAGE_EXTENSIONS
 from data.validate import Report, validate
 
@@ -72,18 +71,9 @@ def _dvc(repo: Path, *args: str) -> str:
     return _run([sys.executable, "-m", "dvc", *args], repo, f"dvc {args[0]}")
 
 
-@contextlib.contextmanager
 def repo_lock(repo: Path):
     """DVC allows one process per repository: serialise our own DVC/git work on it."""
-    lock_dir = ilr_home() / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1(str(repo).encode()).hexdigest()[:12]
-    with open(lock_dir / f"repo-{key}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return workspace_lock(f"repo-{hashlib.sha1(str(repo).encode()).hexdigest()[:12]}")
 
 
 def ensure_repo(repo: Path) -> None:

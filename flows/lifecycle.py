@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from data.config import ilr_home, ilr_home_path, worker_env
+from data.config import ilr_home_path, worker_env
 from data.errors import IlrError
 
 # Prefect reads its settings when it is imported: these defaults must be in place first (nothing is created
@@ -209,21 +209,17 @@ def retrain_lock(wait: bool = True):
     """One retrain at a time per workspace, whoever starts it (the CLI, a trigger's background process, the
     Prefect deployment): a second one waits for the first (wait=False: RetrainRunning instead)."""
     import contextlib
-    import fcntl
+
+    from data.locks import LockBusy, workspace_lock
 
     @contextlib.contextmanager
     def held():
-        path = ilr_home() / "locks" / "retrain.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    raise RetrainRunning("a retrain is already running in this workspace") from None
-                _log()("another retrain is running in this workspace: waiting for it to finish")
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            yield
+        try:
+            with workspace_lock("retrain", wait, on_wait=lambda: _log()(
+                    "another retrain is running in this workspace: waiting for it to finish")):
+                yield
+        except LockBusy:
+            raise RetrainRunning("a retrain is already running in this workspace") from None
     return held()
 
 

@@ -48,13 +48,11 @@ class ChangeLog:
                          "op TEXT, image_id TEXT, label TEXT, domain TEXT, sha256 TEXT)")
         self._db.execute("CREATE INDEX IF NOT EXISTS changes_id ON changes (image_id, seq)")
 
-    def _last(self, image_id: str) -> Change | None:
+    def last(self, image_id: str) -> Change | None:
+        """The id's most recent change, or None."""
         row = self._db.execute("SELECT seq, op, image_id, label, domain, sha256 FROM changes WHERE image_id = ? "
                                "ORDER BY seq DESC LIMIT 1", (image_id,)).fetchone()
         return Change(*row) if row else None
-
-    def last(self, image_id: str) -> Change | None:
-        return self._last(image_id)
 
     def record_add(self, image_id: str, label: str, domain: str, data: bytes) -> tuple[Change, bool]:
         """Log an add (bytes first, then the row). (change, new): new is False when the id's last change is
@@ -70,7 +68,7 @@ class ChangeLog:
             os.replace(tmp, blob)
         self._db.execute("BEGIN IMMEDIATE")  # check and append as one step across processes
         try:
-            last = self._last(image_id)
+            last = self.last(image_id)
             if last is not None and last.op == "add":
                 self._db.execute("ROLLBACK")
                 if last.sha256 == sha and (last.label, last.domain) == (label, domain):

@@ -7,8 +7,6 @@ Builds are resumable (images already stored are skipped), one per collection at 
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -25,6 +23,7 @@ from data import manifest
 from data.config import apply_worker_env, ilr_home, worker_env
 from data.errors import IlrError
 from data.images import file_thumbnail
+from data.locks import workspace_lock
 from data.versioning import dataset_dir
 from models.extract import Extractor, with_cpu_threads
 from models.features import pack_local
@@ -126,20 +125,6 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
                for _, r in batch.iterrows()]
 
 
-@contextlib.contextmanager
-def collection_lock(name: str, log_fn: Callable[[str], None] = print):
-    """One build per collection at a time, across processes (a retrain and a manual build, two triggers)."""
-    path = ilr_home() / "locks" / f"build-{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log_fn(f"another build of {name} is running: waiting for it")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def replay_changes(log: ChangeLog, index: VectorIndex, store: LocalFeatureStore, model, ecfg,
                    cfg: IndexConfig) -> tuple[int, int]:
     """Bring the collection in line with the API's change log: (added, deleted). Added images are extracted
@@ -204,7 +189,8 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
         rows = rows[~rows["image_id"].isin(list(changes))].reset_index(drop=True)
     if len(rows) == 0 and not any(c.op == "add" for c in changes.values()):
         raise IlrError(f"dataset {version.ref} has no index images")
-    with collection_lock(name, log_fn):  # two builds of one collection would insert every row twice
+    # one build per collection at a time (a retrain and a manual build): two would insert every row twice
+    with workspace_lock(f"build-{name}", on_wait=lambda: log_fn(f"another build of {name} is running: waiting")):
         store = LocalFeatureStore(store_dir(name))
         store.set_meta(model=model_ref, dataset=version.ref, dataset_name=version.name,
                        dataset_version=version.version, built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
