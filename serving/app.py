@@ -19,18 +19,21 @@ from fastapi.responses import Response
 from ray import serve
 
 from data.config import apply_worker_env
-from data.errors import IlrError
 from serving.config import ServeConfig, api_token, serve_config
-from serving.http import ApiError, as_bool, as_int, bearer_ok, decode_image, make_api, metrics, parse_image_request
+from serving.http import (ApiError, as_bool, as_int, bearer_ok, checked_id, decode_image, make_api, metrics,
+                          parse_image_request)
 from serving.workers import ExtractorWorker, RerankerWorker, SearcherWorker, current_env
 
 api = make_api()
+_QUERY_FIELDS = {"top_k": {"type": "integer", "minimum": 1}, "rerank": {"type": "boolean"},
+                 "return_matches": {"type": "boolean"},
+                 "image_id": {"type": "string", "description": "instead of an image: search with this index "
+                                                              "image's stored features (it is left out of the results)"}}
 BODY_DOC = {"requestBody": {"content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "minimum": 1},
-        "rerank": {"type": "boolean"}}}},
-    "application/json": {"schema": {"type": "object", "required": ["image_base64"], "properties": {
-        "image_base64": {"type": "string"}, "top_k": {"type": "integer"}, "rerank": {"type": "boolean"}}}}}}}
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "string", "format": "binary"}, **_QUERY_FIELDS}}},
+    "application/json": {"schema": {"type": "object", "properties": {
+        "image_base64": {"type": "string"}, **_QUERY_FIELDS}}}}}}
 ADD_DOC = {"requestBody": {"content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image", "image_id"], "properties": {
         "image": {"type": "string", "format": "binary"}, "image_id": {"type": "string"},
@@ -126,7 +129,7 @@ class Ingress:
     async def _search(self, request: Request) -> dict:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        data, fields = await parse_image_request(request, self.cfg)
+        data, fields = await parse_image_request(request, self.cfg, by_id=True)
         top_k = as_int(fields.get("top_k", self.cfg.default_top_k), "top_k")
         if not 1 <= top_k <= self.cfg.max_top_k:
             raise ApiError(422, "invalid_parameter", f"top_k must be between 1 and {self.cfg.max_top_k}, "
@@ -136,14 +139,24 @@ class Ingress:
         # matching of those few candidates; nothing without it)
         with_matches = min(top_k, self.cfg.max_match_results) if as_bool(
             fields.get("return_matches", False), "return_matches") else 0
-        image, size = await self._decode(data, timings)
-        state = await self._live()
-        q = await self._features(image, size, state, timings)
-        # a copy: the 2 KB view would keep the whole deserialised feature payload (~230 KB) alive
-        self.recent.append(np.array(q["global"], dtype=np.float32, copy=True))
+        example = fields.get("image_id") if data is None else None
+        if example is None:
+            image, size = await self._decode(data, timings)
+            state = await self._live()
+            q = await self._features(image, size, state, timings)
+            # a copy: the 2 KB view would keep the whole deserialised feature payload (~230 KB) alive
+            self.recent.append(np.array(q["global"], dtype=np.float32, copy=True))
+        else:  # an index image as the query: its stored features, no decoding or extraction
+            state = await self._live()
+            t = time.perf_counter()
+            q = await self._call(self.searcher.stored_query, state["collection"], example)
+            if q is None:
+                raise ApiError(404, "not_found", f"image_id {example!r} is not in the live index")
+            timings["lookup_ms"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        hits = await self._call(self.searcher.search, state["collection"], q["global"],
-                                max(top_k, self.candidates) if rerank else top_k)
+        want = max(top_k, self.candidates) if rerank else top_k
+        hits = await self._call(self.searcher.search, state["collection"], q["global"], want + (example is not None))
+        hits = [h for h in hits if h["image_id"] != example][:want]  # an example is not its own result
         timings["search_ms"] = (time.perf_counter() - t) * 1000
         if rerank and hits:
             t = time.perf_counter()
@@ -231,17 +244,13 @@ class Ingress:
     @api.post("/v1/index/images", status_code=201, openapi_extra=ADD_DOC, summary="Add an image to the live index")
     async def add_image(self, request: Request):
         async def run():
-            from data.manifest import check_image_id
             from fastapi.responses import JSONResponse
 
             from serving.changes import Conflict
 
             self._auth(request)
             data, fields = await parse_image_request(request, self.cfg)
-            try:
-                image_id = check_image_id(fields.get("image_id"), "image_id")
-            except IlrError as e:
-                raise ApiError(422, "bad_image_id", e.what) from None
+            image_id = checked_id(fields.get("image_id"))
             label = str(fields.get("label") or "__none__")[:256]
             domain = str(fields.get("domain") or "other")[:32]
             image, size = await self._decode(data, {})  # a bad image is refused before anything is logged
@@ -276,13 +285,8 @@ class Ingress:
     @api.delete("/v1/index/images/{image_id}", summary="Remove an image from the live index")
     async def delete_image(self, image_id: str, request: Request):
         async def run():
-            from data.manifest import check_image_id
-
             self._auth(request)
-            try:
-                check_image_id(image_id, "image_id")
-            except IlrError as e:
-                raise ApiError(422, "bad_image_id", e.what) from None
+            checked_id(image_id)
             state = await self._live()
             if not await self._call(self.searcher.exists, state["collection"], image_id):
                 raise ApiError(404, "not_found", f"image_id {image_id!r} is not in the live index")
@@ -299,14 +303,17 @@ class Ingress:
             return {"deleted": image_id, "index": state["collection"]}
         return await self._measure("index_delete", run())
 
+    @api.get("/v1/index/images", summary="A sample of the live index's images (the search page's examples)")
+    async def list_images(self, limit: int = 12):
+        if not 1 <= limit <= self.cfg.max_top_k:
+            raise ApiError(422, "invalid_parameter", f"limit must be between 1 and {self.cfg.max_top_k}, got {limit}")
+        state = await self._live()
+        images = await self._call(self.searcher.examples, state["collection"], limit)
+        return {"index": state["collection"], "images": images}
+
     @api.get("/v1/index/images/{image_id}/thumbnail", summary="A small JPEG of an index image")
     async def thumbnail(self, image_id: str):
-        from data.manifest import check_image_id
-
-        try:
-            check_image_id(image_id, "image_id")
-        except IlrError as e:
-            raise ApiError(422, "bad_image_id", e.what) from None
+        checked_id(image_id)
         state = await self._live()
         jpeg = await self._call(self.searcher.thumbnail, state["collection"], image_id)
         if jpeg is None:

@@ -130,21 +130,34 @@ def as_int(v, name: str) -> int:
         raise ApiError(422, "invalid_parameter", f"{name} must be an integer, got {v!r}") from None
 
 
-async def parse_image_request(request, cfg: ServeConfig) -> tuple[bytes, dict]:
-    """(image bytes, other fields) from multipart (field `image`) or JSON ({"image_base64": ...})."""
+def checked_id(image_id, name: str = "image_id") -> str:
+    """The id, when it is safe in file names and URLs; else a 422 naming `name`."""
+    from data.manifest import check_image_id
+
+    try:
+        return check_image_id(image_id, name)
+    except IlrError as e:
+        raise ApiError(422, "bad_image_id", e.what) from None
+
+
+async def parse_image_request(request, cfg: ServeConfig, by_id: bool = False) -> tuple[bytes | None, dict]:
+    """(image bytes, other fields) from multipart (field `image`) or JSON ({"image_base64": ...}). With
+    `by_id`, a request may name an index image instead (`image_id`, as a field or a query parameter, and no
+    image): then the bytes are None and fields["image_id"] is a checked, safe id."""
     body = await read_body(request, int(cfg.max_body_mb * 1e6), cfg.body_timeout_s)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict = dict(request.query_params)
-    if ctype == "multipart/form-data":
+    data: bytes | None = None
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):  # (a URL-encoded form has no file)
         try:
             form = await request.form()
         except Exception as e:
             raise ApiError(400, "bad_multipart", f"could not parse the multipart body: {e}") from None
         upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(422, "missing_image", "multipart field `image` (a file) is required")
-        data = await upload.read()
         fields.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
+        if upload is not None and not isinstance(upload, str):
+            data = await upload.read()
+        missing = "multipart field `image` (a file) is required"
     elif ctype == "application/json":
         try:
             payload = json.loads(body or b"null")
@@ -152,17 +165,28 @@ async def parse_image_request(request, cfg: ServeConfig) -> tuple[bytes, dict]:
             raise ApiError(400, "bad_json", f"body is not valid JSON: {e}") from None
         except RecursionError:
             raise ApiError(400, "bad_json", "body is not valid JSON: nested too deeply") from None
-        if not isinstance(payload, dict) or not isinstance(payload.get("image_base64"), str):
-            raise ApiError(422, "missing_image", "JSON body needs a string field `image_base64`")
-        try:
-            data = base64.b64decode(payload.pop("image_base64"), validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(422, "bad_base64", "`image_base64` is not valid base64") from None
+        missing = "JSON body needs a string field `image_base64`"
+        if not isinstance(payload, dict) or ("image_base64" in payload and not isinstance(payload["image_base64"], str)):
+            raise ApiError(422, "missing_image", missing)
+        if "image_base64" in payload:
+            try:
+                data = base64.b64decode(payload.pop("image_base64"), validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(422, "bad_base64", "`image_base64` is not valid base64") from None
         fields.update(payload)
-    else:
+    elif body or not (by_id and "image_id" in fields):
         raise ApiError(415, "unsupported_media_type",
                        f"content type {ctype or '(none)'} is not supported: send multipart/form-data with a "
                        "file field `image`, or application/json with `image_base64`")
+    else:
+        missing = ""
+    if by_id and "image_id" in fields:
+        if data is not None:
+            raise ApiError(422, "invalid_parameter", "send either an image or `image_id` (an index image), not both")
+        checked_id(fields["image_id"])
+        return None, fields
+    if data is None:
+        raise ApiError(422, "missing_image", missing + (" (or `image_id`, to search with an index image)" if by_id else ""))
     if not data:
         raise ApiError(422, "empty_image", "the image is empty (0 bytes)")
     return data, fields

@@ -196,10 +196,14 @@ class LocalFeatureStore:
     def sample_vectors(self, n: int, seed: int = 0) -> np.ndarray:
         """[<= n x D] float32 global descriptors of a fixed random sample of the live images; only those rows
         are read (the monitor's drift check asks for a sample on every pass)."""
+        return self.global_many(self.sample_ids(n, seed))
+
+    def sample_ids(self, n: int, seed: int = 0) -> list[str]:
+        """Up to n ids of live images, a fixed random sample in storage order."""
         ids = [r[0] for r in self._db.execute("SELECT image_id FROM features WHERE deleted = 0 ORDER BY row")]
         if len(ids) > n:
             ids = [ids[i] for i in np.sort(np.random.default_rng(seed).choice(len(ids), n, replace=False))]
-        return self.global_many(ids)
+        return ids
 
     def put_thumbnail(self, image_id: str, jpeg: bytes) -> None:
         """A small JPEG of the image (the search page and `ilr query --show` draw matches on it)."""

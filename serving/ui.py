@@ -1,4 +1,4 @@
-"""The search page (`/ui`): choose or drop a photo, see the ranked results as thumbnails, open one to see
+"""The search page (`/ui`): choose or drop a photo (or pick one of the index's images), see the ranked results as thumbnails, open one to see
 the query and the result side by side with the verified correspondences drawn. Three same-origin assets,
 no external CDN, no inline script (the content-security policy forbids both)."""
 
@@ -19,6 +19,8 @@ PAGE = """<!doctype html>
   <label><input id="rerank" type="checkbox" checked> re-rank with local features</label>
   <button id="go" type="submit">Search</button>
 </form>
+<section id="examples-box" hidden aria-label="examples from the index">
+  <h2>…or pick one of the index's images</h2><ul id="examples"></ul></section>
 <p id="error" role="alert" hidden></p>
 <p id="timings"></p>
 <ol id="results" aria-label="results"></ol>
@@ -47,6 +49,11 @@ form{display:flex;gap:16px;align-items:center;flex-wrap:wrap}
 #results button:focus,#results button.sel{border-color:#2a7;box-shadow:0 0 0 2px #2a7}
 #results img{max-width:168px;max-height:130px}
 canvas{border:1px solid #ddd;max-width:100%}
+h2{font-size:14px;margin:14px 0 6px}
+#examples{display:flex;flex-wrap:wrap;gap:6px;list-style:none;padding:0;margin:0}
+#examples button{border:1px solid #ccc;border-radius:4px;background:#fff;padding:2px;cursor:pointer}
+#examples button:focus,#examples button.sel{border-color:#2a7;box-shadow:0 0 0 2px #2a7}
+#examples img{height:64px;display:block}
 """
 
 SCRIPT = r"""
@@ -63,14 +70,39 @@ async function live() {
   } catch (e) { $("live").textContent = ""; }
 }
 
-function pick(file) { query = file; $("drop").firstChild.textContent = file ? file.name + " " : "Drop a photo here, or choose one "; }
+const thumb = (id) => `/v1/index/images/${encodeURIComponent(id)}/thumbnail`;
+
+// the query: {file} (a chosen or dropped photo) or {id} (an index image, searched with its stored features)
+function pick(q) {
+  query = q;
+  if (q && q.id) $("file").value = "";
+  $("drop").firstChild.textContent = !q ? "Drop a photo here, or choose one " : q.file ? q.file.name + " " : `example ${q.id} `;
+  document.querySelectorAll("#examples button").forEach((b) => b.classList.toggle("sel", !!q && b.dataset.id === q.id));
+}
+
+async function examples() {
+  try {
+    const r = await fetch("/v1/index/images?limit=12");
+    if (!r.ok) return;
+    const list = $("examples");
+    (await r.json()).images.forEach((im) => {
+      const li = document.createElement("li"), b = document.createElement("button"), img = document.createElement("img");
+      b.type = "button"; b.dataset.id = im.image_id; b.title = `${im.image_id} [${im.label}]`;
+      img.src = thumb(im.image_id); img.alt = `example ${im.image_id} (${im.label})`;
+      b.append(img); b.addEventListener("click", () => { pick({id: im.image_id}); search(); });
+      li.append(b); list.append(li);
+    });
+    $("examples-box").hidden = !list.children.length;
+  } catch (e) { /* no live index yet: no examples */ }
+}
 
 async function search(ev) {
   if (ev) ev.preventDefault();
   showError(""); $("results").textContent = ""; $("detail").hidden = true; $("timings").textContent = "";
+  $("canvas").dataset.drawn = "0";
   if (!query) { showError("choose an image first"); return; }
   const form = new FormData();
-  form.append("image", query);
+  if (query.file) form.append("image", query.file); else form.append("image_id", query.id);
   form.append("top_k", $("topk").value);
   form.append("rerank", $("rerank").checked ? "true" : "false");
   form.append("return_matches", "true");
@@ -91,7 +123,7 @@ function render(body) {
     const li = document.createElement("li"), b = document.createElement("button");
     b.type = "button"; b.className = "result"; b.dataset.index = i;
     const img = document.createElement("img");
-    img.src = `/v1/index/images/${encodeURIComponent(r.image_id)}/thumbnail`; img.alt = r.image_id;
+    img.src = thumb(r.image_id); img.alt = r.image_id;
     const t = document.createElement("span");
     t.textContent = `#${r.rank} ${r.label}`;
     const s = document.createElement("span");
@@ -109,8 +141,8 @@ async function detail(i) {
   $("detail").hidden = false;
   $("detail-title").textContent = `#${r.rank} ${r.image_id} [${r.label}] — inliers ${r.inliers ?? "-"}`;
   const canvas = $("canvas"), ctx = canvas.getContext("2d"), H = 360, gap = 16;
-  const [qi, ti] = await Promise.all([loadImage(URL.createObjectURL(query)),
-    loadImage(`/v1/index/images/${encodeURIComponent(r.image_id)}/thumbnail`)]);
+  const [qi, ti] = await Promise.all([loadImage(query.file ? URL.createObjectURL(query.file) : thumb(query.id)),
+    loadImage(thumb(r.image_id))]);
   const qs = H / qi.height, ts = H / ti.height, qw = qi.width * qs, tw = ti.width * ts;
   canvas.width = qw + gap + tw; canvas.height = H;
   ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, canvas.width, H);
@@ -132,9 +164,10 @@ async function detail(i) {
 const drop = $("drop");
 ["dragenter", "dragover"].forEach((e) => drop.addEventListener(e, (ev) => { ev.preventDefault(); drop.classList.add("over"); }));
 ["dragleave", "drop"].forEach((e) => drop.addEventListener(e, () => drop.classList.remove("over")));
-drop.addEventListener("drop", (ev) => { ev.preventDefault(); if (ev.dataTransfer.files.length) { pick(ev.dataTransfer.files[0]); search(); } });
+drop.addEventListener("drop", (ev) => { ev.preventDefault(); if (ev.dataTransfer.files.length) { pick({file: ev.dataTransfer.files[0]}); search(); } });
 drop.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); $("file").click(); } });
-$("file").addEventListener("change", () => { pick($("file").files[0] || null); if (query) search(); });
+$("file").addEventListener("change", () => { const f = $("file").files[0]; pick(f ? {file: f} : null); if (f) search(); });
 $("form").addEventListener("submit", search);
 live();
+examples();
 """

@@ -106,6 +106,14 @@ class VectorIndex:
             found |= {r["image_id"] for r in self.client.get(self.name, ids=ids[i:i + 1000], output_fields=["image_id"])}
         return found
 
+    def describe(self, ids: Sequence[str]) -> dict[str, dict]:
+        """{image_id: {"label", "domain"}} of the ids the collection holds."""
+        ids, out = list(ids), {}
+        for i in range(0, len(ids), 1000):
+            out.update((r["image_id"], {"label": r["label"], "domain": r["domain"]}) for r in self.client.get(
+                self.name, ids=ids[i:i + 1000], output_fields=["image_id", "label", "domain"]))
+        return out
+
     def delete(self, ids: Sequence[str]) -> None:
         self.client.delete(self.name, ids=list(ids))
 

@@ -142,6 +142,22 @@ class SearcherWorker:
     def thumbnail(self, collection: str, image_id: str) -> bytes | None:
         return self._store(collection).thumbnail(image_id)
 
+    def stored_query(self, collection: str, image_id: str) -> dict | None:
+        """An index image's stored features in the Extractor's query form (search by example), or None."""
+        store = self._store(collection)
+        got = store.get_many([image_id])[0]
+        if got is None:
+            return None
+        kp, desc, size = got
+        return {"global": store.global_many([image_id])[0], "keypoints": np.array(kp), "descriptors": np.array(desc),
+                "size": size}
+
+    def examples(self, collection: str, n: int) -> list[dict]:
+        """A fixed sample of up to n live images with their labels and domains."""
+        ids = self._store(collection).sample_ids(n)
+        meta = self._index(collection).describe(ids)
+        return [{"image_id": i, **meta.get(i, {"label": None, "domain": None})} for i in ids]
+
     def index_sample(self, collection: str, n: int) -> np.ndarray:
         """Up to n stored global vectors, a fixed sample: only those n rows are read."""
         return self._store(collection).sample_vectors(n)

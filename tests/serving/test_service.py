@@ -291,6 +291,37 @@ def test_matches_thumbnails_and_the_picture(service, tmp_path):
     assert green > 50  # the inlier lines are drawn
 
 
+def test_search_with_an_index_image_as_the_query(service):
+    """image_id instead of an image: the index image's stored features are the query, it is left out of its
+    own results, and its views come first; the page's examples come from GET /v1/index/images."""
+    http = service["http"]
+    listed = http.get("/v1/index/images", params={"limit": 5}).json()
+    assert len(listed["images"]) == 5 and {"image_id", "label", "domain"} <= set(listed["images"][0])
+    df = service["df"]
+    index = df[(df["split"] == "index") & (df["label"] != NO_LABEL)]
+    example = index[index["label"].duplicated(keep=False)].iloc[0]
+    res = http.post("/v1/search", json={"image_id": example["image_id"], "top_k": 5, "return_matches": True})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert example["image_id"] not in [r["image_id"] for r in body["results"]]
+    assert body["results"][0]["label"] == example["label"] and body["results"][0]["inliers"] > 0
+    assert "lookup_ms" in body["timings_ms"] and "extract_ms" not in body["timings_ms"]
+    assert len(body["results"][0]["matches"]["inliers"]) == body["results"][0]["inliers"]
+    form = http.post("/v1/search", data={"image_id": example["image_id"], "rerank": "false"})
+    assert form.status_code == 200 and form.json()["results"][0]["inliers"] is None
+    assert http.post(f"/v1/search?image_id={example['image_id']}").status_code == 200
+    _assert_error(http.post("/v1/search", json={"image_id": "nope-not-there"}), 404)
+    _assert_error(http.post("/v1/search", json={"image_id": "../etc/passwd"}), 422)
+    _assert_error(http.post("/v1/search", json={"image_id": ["a"]}), 422)
+    both = http.post("/v1/search", data={"image_id": example["image_id"]},
+                     files={"image": ("q.jpg", (service["folder"] / example["path"]).read_bytes(), "image/jpeg")})
+    _assert_error(both, 422)
+    _assert_error(http.get("/v1/index/images", params={"limit": 0}), 422)
+    # adding an image still needs its bytes: image_id is its name there, not a query
+    _assert_error(http.post("/v1/index/images", data={"image_id": "x-1"},
+                            headers={"Authorization": "Bearer test-token-0123456789"}), 422)
+
+
 def test_labels_are_printed_as_text_not_markup(service):
     from typer.testing import CliRunner
 
@@ -389,6 +420,15 @@ def test_search_page_in_a_real_browser(service, tmp_path):
         assert drawn > 0
         browser.wait_for("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
         browser.screenshot(shots / "search-page.png")
+        n = browser.wait_for("document.querySelectorAll('#examples img').length")
+        assert n == 12
+        browser.eval("document.querySelector('#examples button').click()")
+        browser.wait_for("document.querySelector('#examples button.sel') && "
+                         "document.getElementById('drop').textContent.startsWith('example')")
+        drawn = browser.wait_for("document.querySelectorAll('#results button').length === 10 && "
+                                 "Number(document.getElementById('canvas').dataset.drawn || 0)")
+        assert drawn > 0
+        browser.screenshot(shots / "search-page-example.png")
         bad = tmp_path / "not-an-image.jpg"
         bad.write_bytes(b"this is text, not a photo")
         browser.upload("#file", bad)
