@@ -136,6 +136,9 @@ def model_promote(version: str):
         _fail(e)
     except Exception as e:  # unknown version from MLflow
         _fail(IlrError(f"cannot promote version {version}: {e}"))
+    from monitoring.store import record_event
+
+    record_event("promotion", "manual promotion (ilr model promote)", champion=r["champion"], previous=r["previous"])
     console.print(f"champion v{r['champion']} (previous v{r['previous']})")
 
 
@@ -144,5 +147,8 @@ def model_rollback():
     """Give `champion` back to the previous champion."""
     from models.registry import rollback
 
+    from monitoring.store import record_event
+
     r = rollback()
+    record_event("promotion", "rollback (ilr model rollback)", champion=r["champion"], previous=r["previous"])
     console.print(f"rolled back: champion v{r['champion']} (previous v{r['previous']})")

@@ -36,6 +36,9 @@ def index_build(dataset: str = typer.Option(..., help="NAME[@VERSION]"),
     console.print(f"collection {res.collection}: {res.total} images ({res.added} added, {res.skipped} already "
                   f"there) in {res.seconds:.1f}s; recall {res.recall:.4f}; live alias "
                   f"{'moved' if res.alias_moved else 'NOT moved'}; model {res.model}")
+    from monitoring.store import record_swap
+
+    record_swap(res.collection, res.model, dataset, res.alias_moved)
     if not res.alias_moved:
         raise typer.Exit(1)
 

@@ -105,6 +105,9 @@ def index_task(dataset: str, model: str | None, engine: str | None) -> dict:
 
     milvus_server.ensure()  # shared with the service (Milvus Lite in-process would lock the data dir)
     res = build(dataset, model, index_config(), extract_config(), log_fn=_log(), engine=engine)
+    from monitoring.store import record_swap
+
+    record_swap(res.collection, res.model, dataset, res.alias_moved)
     return {"collection": res.collection, "recall": res.recall, "alias_moved": res.alias_moved, "model": res.model,
             "images": res.total, "seconds": res.seconds}
 
@@ -174,11 +177,9 @@ def fire_retrain(event: str, reason: str, dataset: str, mode: str = "background"
     is not blocked for the whole retraining), as a subflow ("inline"), or not at all ("record")."""
     from prefect.events import emit_event
 
-    from monitoring.store import MonitorStore
+    from monitoring.store import record_event
 
-    store = MonitorStore()
-    store.add("events", kind=event, reason=reason, detail={"dataset": dataset, "flow_run": _flow_run_id()})
-    store.close()
+    record_event(event, reason, dataset=dataset, flow_run=_flow_run_id())
     emit_event(event=event, resource={"prefect.resource.id": f"ilr.dataset.{dataset.split('@')[0]}"},
                payload={"reason": reason, "dataset": dataset})
     _log()(f"retrain trigger: {event}: {reason}")

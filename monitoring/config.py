@@ -16,6 +16,7 @@ class MonitorConfig:
     max_drift_mmd: float = 0.1      # drift alert: MMD^2 (RBF) between recent queries and the index
     min_ann_recall: float = 0.9     # ANN recall@k vs exact search on a sample of the live index
     ann_sample: int = 100
+    worst_queries: int = 6          # the dashboard shows this many of the last canary's worst queries
     suites: bool = True             # each pass also scores the live model on the golden suites (gate.suites;
                                     # cached per model version and setting) and flags a suite that fell more
                                     # than gate.max_regression below the best the service had there

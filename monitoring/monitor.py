@@ -2,7 +2,8 @@
 
 - Canary: labelled queries of the dataset the live index serves are sent to the running endpoint; GLDv2
   retrieval mAP@k (relevant = index images of the query's instance), recall@k, top-1 accuracy, errors and
-  client-side latency percentiles are recorded with the model and index versions (SQLite, and MLflow).
+  client-side latency percentiles are recorded with the model and index versions (SQLite, and MLflow);
+  so are each query's AP@k, domain and first result, with thumbnails of the worst few (the dashboard).
 - Drift: recent query descriptors (kept by the service) against a sample of the index: MMD^2 with an RBF
   kernel (median-distance bandwidth), centroid shift, and mean top-1 similarity of queries vs index.
 - ANN recall: Milvus search against exact search on a sample of the live collection's own vectors.
@@ -14,7 +15,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from data.versioning import dataset_dir
 from models.metrics import gldv2_map_at_k
 from monitoring.config import MonitorConfig, monitor_config
 from monitoring.store import MonitorStore
+
+THUMB_SIDE = 128  # px, the dashboard's worst-query thumbnails
 
 
 @dataclass
@@ -40,6 +43,7 @@ class CanaryResult:
     p95_ms: float
     p99_ms: float
     stages: dict
+    per_query: list = field(default_factory=list, repr=False)  # each answered query: AP@k, domain, first result
 
 
 def canary(client, cfg: MonitorConfig | None = None, dataset: str | None = None) -> CanaryResult:
@@ -57,7 +61,7 @@ def canary(client, cfg: MonitorConfig | None = None, dataset: str | None = None)
     queries = df[(df["split"] == "query") & (df["label"] != NO_LABEL)]
     queries = queries.sample(n=min(cfg.canary_queries, len(queries)), random_state=0) if len(queries) else queries
     relevant = index[index["label"] != NO_LABEL].groupby("label")["image_id"].apply(list).to_dict()
-    preds, solution, lat, stages, errors, hits, top1 = {}, {}, [], {}, 0, [], []
+    preds, solution, lat, stages, errors, hits, top1, per_query = {}, {}, [], {}, 0, [], [], []
     model = idx = None
     for _, q in queries.iterrows():
         t = time.perf_counter()
@@ -75,11 +79,45 @@ def canary(client, cfg: MonitorConfig | None = None, dataset: str | None = None)
         preds[q["image_id"]], solution[q["image_id"]] = ids, rel
         hits.append(bool(set(ids[:cfg.recall_k]) & set(rel)))
         top1.append(bool(res["results"]) and res["results"][0]["label"] == q["label"])
+        first = res["results"][0] if res["results"] else {}
+        found = set(rel)
+        per_query.append({
+            "query_id": q["image_id"], "label": q["label"], "domain": q["domain"], "path": str(folder / q["path"]),
+            "ap": float(gldv2_map_at_k({q["image_id"]: ids}, {q["image_id"]: rel}, cfg.k)), "top1": top1[-1],
+            "first_id": first.get("image_id"), "first_label": first.get("label"),
+            # an image of the right instance: the best-ranked one, or any when none was found
+            "expected_id": next((i for i in ids if i in found), rel[0] if rel else None)})
     pct = (lambda p: float(np.percentile(lat, p))) if lat else (lambda p: float("nan"))
     return CanaryResult(model or health.get("model", ""), idx or health.get("index", ""), ref, len(lat),
                         float(gldv2_map_at_k(preds, solution, cfg.k)) if solution else 0.0,
                         float(np.mean(hits)) if hits else 0.0, float(np.mean(top1)) if top1 else 0.0, errors,
-                        pct(50), pct(95), pct(99), {k: float(np.median(v)) for k, v in stages.items()})
+                        pct(50), pct(95), pct(99), {k: float(np.median(v)) for k, v in stages.items()}, per_query)
+
+
+def record_queries(store: MonitorStore, client, c: CanaryResult, ts: float, worst: int) -> None:
+    """Each canary query's result (table `canary_queries`: the dashboard's quality per domain), and small
+    JPEGs of the `worst` imperfect ones: the query, an image of its instance, and what came first."""
+    import io
+
+    from PIL import Image
+
+    from data.images import file_thumbnail, thumbnail_jpeg
+
+    for q in c.per_query:
+        store.add("canary_queries", ts=ts, model=c.model, idx=c.index, dataset=c.dataset,
+                  **{k: v for k, v in q.items() if k != "path"})
+
+    def small(image_id: str | None) -> bytes | None:
+        jpeg = client.thumbnail(image_id) if image_id else None
+        if jpeg is None:
+            return None
+        return thumbnail_jpeg(Image.open(io.BytesIO(jpeg)), THUMB_SIDE)
+
+    bad = sorted((q for q in c.per_query if q["ap"] < 1), key=lambda q: (q["ap"], q["query_id"]))[:worst]
+    for q in bad:
+        store.add("canary_thumbs", ts=ts, query_id=q["query_id"], query_jpeg=file_thumbnail(q["path"], THUMB_SIDE),
+                  expected_jpeg=small(q["expected_id"]), first_jpeg=small(q["first_id"]))
+    store.prune_thumbs()
 
 
 def suite_canary(model: str, store: MonitorStore, gcfg=None, ecfg=None, log_fn=print) -> list[str]:
@@ -170,9 +208,14 @@ def run(client, cfg: MonitorConfig | None = None, store: MonitorStore | None = N
     try:
         history = [r for r in store.rows("canary") if r["queries"]]
         c = canary(client, cfg, dataset)
-        store.add("canary", model=c.model, idx=c.index, dataset=c.dataset, queries=c.queries, map_at_k=c.map_at_k,
+        ts = time.time()
+        store.add("canary", ts=ts, model=c.model, idx=c.index, dataset=c.dataset, queries=c.queries, map_at_k=c.map_at_k,
                   recall_at_k=c.recall_at_k, top1=c.top1, errors=c.errors, p50_ms=c.p50_ms, p95_ms=c.p95_ms,
                   p99_ms=c.p99_ms, stages=c.stages)
+        try:  # the per-query record (and its thumbnails) must not hide the quality decision either
+            record_queries(store, client, c, ts, cfg.worst_queries)
+        except Exception as e:  # noqa: BLE001 - recorded and reported
+            store.add("events", kind="monitor_error", reason=f"canary queries: {type(e).__name__}: {e}"[:500], detail={})
         try:  # drift and ANN recall must not hide the quality decision
             emb = client.embeddings(n=500)
             sample = np.asarray(emb["index_sample"], np.float32)
@@ -248,6 +291,6 @@ def _log(report: MonitorReport, cfg: MonitorConfig) -> None:
 
 
 def summary(report: MonitorReport) -> dict:
-    return {**asdict(report.canary), "drift": report.drift, "ann_recall": report.ann_recall,
+    return {**{k: v for k, v in asdict(report.canary).items() if k != "per_query"}, "drift": report.drift, "ann_recall": report.ann_recall,
             "quality_drop": report.quality_drop, "new_drop": report.new_drop, "drifted": report.drifted,
             "reason": report.reason}

@@ -1,4 +1,5 @@
-"""Time series of the service's quality, latency, drift and ANN recall, and retrain triggers (SQLite)."""
+"""Time series of the service's quality (per query, per suite), latency, drift and ANN recall, and events:
+retrain triggers, promotions, index swaps (SQLite)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,14 @@ _TABLES = {
     "gate": "ts REAL, dataset TEXT, champion TEXT, served REAL, global_map REAL, challenger TEXT, "
             "challenger_served REAL, decision TEXT",
     "suites": "ts REAL, model TEXT, dataset TEXT, served REAL, global_map REAL",
+    # each canary query of a pass (ts = the pass's canary row): its AP@k, domain, and what came first
+    "canary_queries": "ts REAL, model TEXT, idx TEXT, dataset TEXT, query_id TEXT, label TEXT, domain TEXT, "
+                      "ap REAL, top1 INTEGER, first_id TEXT, first_label TEXT, expected_id TEXT",
+    # small JPEGs of the worst queries of the last few passes: the query, an image it should have found,
+    # and what the service put first
+    "canary_thumbs": "ts REAL, query_id TEXT, query_jpeg BLOB, expected_jpeg BLOB, first_jpeg BLOB",
 }
+THUMB_RUNS = 3  # passes whose worst-query thumbnails are kept
 _lock = threading.Lock()  # one writer at a time (SQLite "database is locked" under concurrency)
 
 
@@ -42,6 +50,12 @@ class MonitorStore:
                             list(row.values()))
             self.db.commit()
 
+    def prune_thumbs(self, keep: int = THUMB_RUNS) -> None:
+        with _lock:
+            self.db.execute("DELETE FROM canary_thumbs WHERE ts NOT IN (SELECT DISTINCT ts FROM canary_thumbs "
+                            "ORDER BY ts DESC LIMIT ?)", (keep,))
+            self.db.commit()
+
     def rows(self, table: str, since: float = 0.0, limit: int = 10_000) -> list[dict]:
         cur = self.db.execute(f"SELECT * FROM {table} WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit))
         names = [d[0] for d in cur.description]
@@ -60,3 +74,26 @@ class MonitorStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def record_event(kind: str, reason: str, **detail) -> None:
+    """One event (a retrain trigger, a promotion, an index swap, ...) into the workspace's monitoring store;
+    the dashboard marks promotions and swaps on its time axes."""
+    store = MonitorStore()
+    try:
+        store.add("events", kind=kind, reason=reason, detail=detail)
+    finally:
+        store.close()
+
+
+def record_swap(collection: str, model: str, dataset: str, alias_moved: bool) -> None:
+    """An index build that moved the live alias to another collection is an event (the dashboard marks it)."""
+    if not alias_moved:
+        return
+    store = MonitorStore()
+    try:
+        last = store.last_event("index_swap")
+    finally:
+        store.close()
+    if last is None or last["detail"].get("collection") != collection:
+        record_event("index_swap", f"live index -> {collection}", collection=collection, model=model, dataset=dataset)

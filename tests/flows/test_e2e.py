@@ -189,6 +189,16 @@ def test_retrain_triggers_and_dashboard(clone):
     assert "ilr.dataset.versioned" in kinds and "ilr.quality.dropped" in kinds, kinds
     maps = [m for (m,) in db.execute("SELECT map_at_k FROM canary ORDER BY ts")]
     assert len(maps) >= 2 and maps[-1] < min(maps[:-1]) - 0.3  # the broken index was measured as much worse
+    # the swaps (demo, retrain, the broken build) are events; the broken pass's queries and worst thumbnails
+    # are recorded, and the dashboard shows them with the markers
+    assert kinds.count("index_swap") >= 3, kinds
+    (last,) = db.execute("SELECT MAX(ts) FROM canary").fetchone()
+    assert db.execute("SELECT COUNT(*) FROM canary_queries WHERE ts = ?", (last,)).fetchone()[0] == 8
+    assert db.execute("SELECT COUNT(*) FROM canary_thumbs WHERE ts = ? AND query_jpeg IS NOT NULL",
+                      (last,)).fetchone()[0] >= 1
+    dom = _chromium("--dump-dom", f"{url}/dashboard/").stdout
+    assert "class=\"wq\"" in dom and "data:image/jpeg;base64," in dom
+    assert re.search(r'id="plot-quality" data-points="\d+" data-markers="[1-9]', dom), dom[:3000]
     # the retrain (background) puts the champion's index back behind the alias; the service follows it
     try:
         _wait_health(url, lambda h: h["model"].startswith("models:/") and not h["champion_pending_index"]

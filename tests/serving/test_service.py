@@ -44,7 +44,9 @@ def service(tmp_path_factory, tiny_template):
     milvus_server.ensure()
     build("tiny", log_fn=lambda *_: None, engine="local")
     cfg = serve_config(port=_free_port(), max_body_mb=2.0)
-    url = service.start(cfg)
+    from monitoring.dashboard import build_dashboard
+
+    url = service.start(cfg, extra_apps=((build_dashboard(cfg), "dashboard", "/dashboard"),))
     folder = dataset_dir("tiny")[1]
     df = manifest.read(folder)
     yield {"url": url, "folder": folder, "df": df, "http": httpx.Client(base_url=url, timeout=120)}
@@ -435,7 +437,23 @@ def test_search_page_in_a_real_browser(service, tmp_path):
         message = browser.wait_for("!document.getElementById('error').hidden && document.getElementById('error').textContent")
         assert "not an image" in message
         browser.screenshot(shots / "search-page-error.png")
+        # one real monitoring pass (canary with per-query results and worst-query thumbnails), then the dashboard
+        from monitoring import monitor
+        from monitoring.config import monitor_config
+        from monitoring.store import record_swap
+        from serving.client import Client
+
+        record_swap(service["http"].get("/healthz").json()["index"], "off-the-shelf", "tiny", True)
+        report = monitor.run(Client(service["url"], token="test-token-0123456789"),
+                             monitor_config(canary_queries=8, suites=False, min_map=0.0), log_mlflow=False)
+        assert len(report.canary.per_query) == 8
         browser.goto(f"{service['url']}/dashboard/")
+        dom = browser.eval("document.documentElement.outerHTML")
+        assert 'id="plot-domains" data-points="' in dom and 'data-markers="1"' in dom
+        bad = [q for q in report.canary.per_query if q["ap"] < 1]
+        assert dom.count("class=\"wq\"") == min(len(bad), 6)
+        if bad:
+            assert "data:image/jpeg;base64," in dom
         browser.screenshot(shots / "dashboard.png")
     finally:
         browser.close()
