@@ -2,6 +2,7 @@
 cluster) or start a single-machine Ray on loopback, always with token authentication."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -63,6 +64,18 @@ def _local_ray_init(**kwargs) -> None:
             os.environ[LOOPBACK_ENV] = saved_env
 
 
+def _same_machine(address: str) -> dict:
+    """Joining a cluster whose GCS listens on a loopback address (nodes started on this machine, e.g.
+    `ray start --node-ip-address=127.0.0.2`): this driver is a process of that node, so it takes the same
+    address; Ray would otherwise look for a node at the routable address, where none runs."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "auto", a host name, ray://...
+        return {}
+    return {"_node_ip_address": host} if loopback else {}
+
+
 def ensure_ray(dashboard: bool = False) -> None:
     """Join RAY_ADDRESS when set (a real cluster), else start a local Ray on this machine's cores, bound to
     127.0.0.1. Either way with token authentication (RAY_AUTH_MODE=token) unless RAY_AUTH_MODE says otherwise:
@@ -80,7 +93,7 @@ def ensure_ray(dashboard: bool = False) -> None:
     for attempt in (1, 2):
         try:
             if address:
-                ray.init(address=address, **common)
+                ray.init(address=address, **_same_machine(address), **common)
             else:
                 _local_ray_init(num_cpus=os.cpu_count(), **common)
                 _private_token_file()

@@ -145,6 +145,8 @@ class TuneConfig:
     grace_period: int = 1                    # ASHA: validations before a trial can be stopped
     reduction_factor: int = 2
     seed: int = 0
+    max_failures: int = 3                    # a trial whose worker or node died is retried from its last
+                                             # checkpoint this many times (Ray Tune's FailureConfig)
     space: dict = field(default_factory=lambda: {
         "lr": ["loguniform", 0.003, 0.05],
         "arcface_margin": ["uniform", 0.05, 0.3],

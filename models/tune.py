@@ -166,7 +166,8 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
                                             reduction_factor=cfg.reduction_factor),
                     search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed,
                                                                   max_concurrent=cfg.max_concurrent)),
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks))
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
+                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
         grid = tuner.fit()
         finished = [r for r in grid if r.metrics and r.metrics.get("model_uri")]  # ran to the end
         stopped = sum(1 for r in grid if r.metrics and not r.metrics.get("model_uri") and r.error is None)

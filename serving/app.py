@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from ray import serve
 
 from data.config import apply_worker_env
+from data.errors import IlrError
 from serving.config import ServeConfig, api_token, serve_config
 from serving.http import (ApiError, as_bool, as_int, bearer_ok, checked_id, decode_image, make_api, metrics,
                           parse_image_request)
@@ -374,17 +375,39 @@ class Ingress:
                 "index_sample": sample.round(5).tolist()}
 
 
+DEPLOYMENTS = ("Ingress", "Extractor", "Searcher", "Reranker")
+_ACTOR_KEYS = ("num_cpus", "num_gpus", "resources")
+_SERVE_KEYS = ("num_replicas", "max_replicas_per_node")
+
+
+def deployment_options(cfg: ServeConfig, name: str, actor: dict, **serve_opts) -> dict:
+    """Serve options of one deployment: ilr's defaults, then params' `serve.deployments[name]` (replicas,
+    one replica per node, CPUs, GPUs, custom resources that pin it to nodes)."""
+    unknown = set(cfg.deployments) - set(DEPLOYMENTS)
+    if unknown:
+        raise IlrError(f"serve.deployments: unknown deployment(s) {sorted(unknown)}", hint=f"one of {DEPLOYMENTS}")
+    over = dict(cfg.deployments.get(name) or {})
+    bad = set(over) - set(_ACTOR_KEYS) - set(_SERVE_KEYS)
+    if bad:
+        raise IlrError(f"serve.deployments.{name}: unknown option(s) {sorted(bad)}",
+                       hint=f"one of {_ACTOR_KEYS + _SERVE_KEYS}")
+    actor = {**actor, **{k: over[k] for k in _ACTOR_KEYS if k in over}}
+    return {**serve_opts, **{k: over[k] for k in _SERVE_KEYS if k in over}, "ray_actor_options": actor}
+
+
 def build_app(cfg: ServeConfig | None = None, env: dict | None = None):
     """The bound Serve application (not yet running)."""
     cfg = cfg or serve_config()
     env = env or current_env()
     opts = {"num_cpus": cfg.num_cpus}
-    extractor = serve.deployment(ExtractorWorker, name="Extractor", ray_actor_options={
-        **opts, "num_gpus": cfg.extractor_gpus}, max_ongoing_requests=32)
-    searcher = serve.deployment(SearcherWorker, name="Searcher", ray_actor_options=opts, max_ongoing_requests=64)
-    reranker = serve.deployment(RerankerWorker, name="Reranker", ray_actor_options=opts, max_ongoing_requests=16)
+    extractor = serve.deployment(ExtractorWorker, name="Extractor", **deployment_options(
+        cfg, "Extractor", {**opts, "num_gpus": cfg.extractor_gpus}, max_ongoing_requests=32))
+    searcher = serve.deployment(SearcherWorker, name="Searcher", **deployment_options(
+        cfg, "Searcher", opts, max_ongoing_requests=64))
+    reranker = serve.deployment(RerankerWorker, name="Reranker", **deployment_options(
+        cfg, "Reranker", opts, max_ongoing_requests=16))
     # the Ingress mostly waits (bodies, other stages): many requests at once are cheap there, and slow
     # uploads then cannot take every slot; the expensive part (decoding) has its own cap
-    ingress = Ingress.options(ray_actor_options=opts, max_ongoing_requests=cfg.ingress_max_ongoing,
-                              max_queued_requests=cfg.max_queued_requests)
+    ingress = Ingress.options(**deployment_options(cfg, "Ingress", opts, max_ongoing_requests=cfg.ingress_max_ongoing,
+                                                   max_queued_requests=cfg.max_queued_requests))
     return ingress.bind(extractor.bind(env, cfg), searcher.bind(env, cfg), reranker.bind(env, cfg), env, cfg)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from data.config import from_params, ilr_home
 
@@ -37,6 +37,12 @@ class ServeConfig:
     ingress_max_ongoing: int = 512      # requests the Ingress holds at once (mostly waiting on I/O: cheap)
     max_queued_requests: int = 256      # beyond ongoing + queued, Serve answers 503 at once
     stage_retry_s: float = 60.0         # a stage whose replica died is retried on its restarted replica this long
+    # on a Ray cluster: Serve's HTTP proxy on the head node only (one URL), or "EveryNode" behind a balancer
+    proxy_location: str = "HeadOnly"
+    # per deployment (Ingress, Extractor, Searcher, Reranker): Serve options over the defaults above, e.g.
+    # {"Reranker": {"num_replicas": 2, "max_replicas_per_node": 1}, "Extractor": {"resources": {"gpu_box": 1}}}
+    # (keys: num_replicas, max_replicas_per_node, num_cpus, num_gpus, resources = custom Ray resources)
+    deployments: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +57,7 @@ class IndexConfig:
     recall_queries: int = 200
     chunk: int = 64                   # images extracted and inserted per step
     engine: str = "auto"              # ray | local | auto (Ray Data on a Ray cluster or with GPUs: choose_engine)
+    actors: int = 0                   # Ray engine's extraction actors; 0 = one per GPU, else one per node with CPUs
 
 
 def index_config(**kw) -> IndexConfig:

@@ -96,7 +96,7 @@ def _extract_local(todo, folder: Path, model, ecfg, chunk: int):
                for i, lab, dom, f in zip(part["image_id"], part["label"], part["domain"], feats)]
 
 
-def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
+def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path, actors: int = 0):
     """Ray Data: a pool of extraction actors (GPU actors when the cluster has GPUs), results streamed back
     in order of completion; the driver only writes."""
     import ray
@@ -109,7 +109,8 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
     ctx.enable_operator_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     gpus = ray.cluster_resources().get("GPU", 0)
-    actors = max(1, int(gpus)) if gpus else 1
+    actors = actors or (max(1, int(gpus)) if gpus else
+                        max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)))
     ds = ray.data.from_pandas(todo[["image_id", "path", "label", "domain"]])
     from models import artifacts
 
@@ -117,6 +118,8 @@ def _extract_ray(todo, folder: Path, model, ecfg, chunk: int, model_dir: Path):
     ds = ds.map_batches(_RayExtract, fn_constructor_kwargs={"model_dir": str(model_dir), "ecfg": ecfg,
                                                             "root": str(folder), "env": worker_env()},
                         batch_size=chunk, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
+                        # an actor whose node died is restarted elsewhere and its batch retried (never lost)
+                        max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",  # one per node
                         num_gpus=1 if gpus else 0, num_cpus=0.5 if not gpus else 1)
     for batch in ds.iter_batches(batch_size=chunk, batch_format="pandas", prefetch_batches=1):
         yield [(r.image_id, r.label, r.domain, np.frombuffer(r["global"], np.float32),
@@ -200,13 +203,20 @@ def build(dataset: str, model_uri: str | None = None, cfg: IndexConfig | None = 
         log_fn(f"index {name}: {len(rows) - len(todo)} of {len(rows)} images already built; extracting {len(todo)}"
                f" ({engine}: {why})")
         created = index.client.has_collection(name)
-        batches = (_extract_ray(todo, folder, model, ecfg, cfg.chunk, ilr_home() / "cache" / "extract-models" / name)
+        batches = (_extract_ray(todo, folder, model, ecfg, cfg.chunk, ilr_home() / "cache" / "extract-models" / name,
+                                cfg.actors)
                    if engine == "ray" and len(todo)
                    else _extract_local(todo, folder, model, ecfg, cfg.chunk))
         done = 0
         # resuming after a crash between the Milvus insert and the local store: those rows are in Milvus already
         in_milvus = index.existing(list(todo["image_id"])) if created and len(todo) else set()
+        seen: set[str] = set()
         for part in batches:
+            # a batch retried after its actor (or node) died must not add an image twice
+            part = [r for r in part if r[0] not in seen]
+            seen.update(r[0] for r in part)
+            if not part:
+                continue
             if not created:
                 index.create(len(part[0][3]), cfg)
                 created = True

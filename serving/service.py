@@ -52,7 +52,8 @@ def start(cfg: ServeConfig | None = None, extra_apps: tuple = ()) -> str:
     cfg = cfg or serve_config()
     milvus_server.ensure()
     ensure_ray(dashboard=True)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
+    serve.start(proxy_location=cfg.proxy_location,
+                http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
     env = current_env()
     serve.run(build_app(cfg, env), name=cfg.app_name, route_prefix="/", blocking=False)
     for app, name, prefix in extra_apps:

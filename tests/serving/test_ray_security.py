@@ -154,3 +154,14 @@ def test_auth_mode_default_and_opt_out(tmp_path):
                          capture_output=True, text=True, timeout=300, check=False)
     assert off.stdout.split() == ["disabled", "False"], off.stderr[-3000:]
     assert "RAY_AUTH_MODE=disabled" in off.stderr
+
+
+def test_a_driver_joins_a_loopback_cluster_on_its_address():
+    """RAY_ADDRESS on a loopback address (nodes started on this machine, tests/cluster): the driver is a process
+    of that node; any other address leaves Ray's own choice."""
+    from models.cluster import _same_machine
+
+    assert _same_machine("127.0.0.2:6379") == {"_node_ip_address": "127.0.0.2"}
+    assert _same_machine("[::1]:6379") == {"_node_ip_address": "::1"}
+    assert _same_machine("10.0.0.5:6379") == {} and _same_machine("auto") == {}
+    assert _same_machine("ray://head:10001") == {}

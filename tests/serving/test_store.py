@@ -105,3 +105,23 @@ def test_a_reader_opening_the_store_never_truncates_a_writer(tmp_path):
         kp, desc = store.get(f"img{i}")
         assert np.abs(kp - rng.uniform(0, 500, (k, 2)).astype(np.float32)).max() <= 0.5, i  # same draws, same order as the writer
         assert np.abs((desc * d).sum(1) - 1).max() < 5e-3, i
+
+
+def test_deployment_placement_options_from_params():
+    """serve.deployments scales and places each deployment; a typo is refused with its name, never ignored."""
+    from data.errors import IlrError
+    from serving.app import deployment_options
+    from serving.config import ServeConfig
+
+    cfg = ServeConfig(deployments={"Reranker": {"num_replicas": 2, "max_replicas_per_node": 1},
+                                   "Extractor": {"resources": {"gpu_box": 1}, "num_gpus": 1}})
+    assert deployment_options(cfg, "Reranker", {"num_cpus": 0.25}, max_ongoing_requests=16) == {
+        "max_ongoing_requests": 16, "num_replicas": 2, "max_replicas_per_node": 1,
+        "ray_actor_options": {"num_cpus": 0.25}}
+    assert deployment_options(cfg, "Extractor", {"num_cpus": 0.25, "num_gpus": 0.0})["ray_actor_options"] == {
+        "num_cpus": 0.25, "num_gpus": 1, "resources": {"gpu_box": 1}}
+    assert deployment_options(ServeConfig(), "Searcher", {"num_cpus": 0.25}) == {"ray_actor_options": {"num_cpus": 0.25}}
+    with pytest.raises(IlrError, match="Rerankr"):
+        deployment_options(ServeConfig(deployments={"Rerankr": {}}), "Searcher", {})
+    with pytest.raises(IlrError, match="replicas"):
+        deployment_options(ServeConfig(deployments={"Reranker": {"replicas": 2}}), "Reranker", {})
