@@ -132,6 +132,18 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     return out
 
 
+# The longest files first, each alone with a short one beside it (scripts/test runs xdist with
+# --no-loadscope-reorder, so files are handed out in this order, two to each worker at the start): the
+# fresh-clone demo (~6 min) starts at once on one worker while the other works through the rest.
+FIRST = ("tests/flows/test_e2e.py", "tests/cluster/test_multinode.py", "tests/test_layout.py",
+         "tests/models/test_registry_tune.py", "tests/serving/test_service.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {f: i for i, f in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(FIRST)))  # stable: the rest as collected
+
+
 def pytest_configure(config):
     for rule in ("ignore::DeprecationWarning", "ignore:An input example was not provided:UserWarning"):
         config.addinivalue_line("filterwarnings", rule)

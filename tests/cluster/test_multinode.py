@@ -69,10 +69,10 @@ class Cluster:
                         RAY_health_check_failure_threshold="3", RAY_USAGE_STATS_ENABLED="0")
         self.nodes: dict[str, subprocess.Popen] = {}
         self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
+                             f"--dashboard-port={_free_port()}",
                              f"--ray-client-server-port={_free_port()}"])
         for name in ("a", "b"):
-            self.start_worker(name, wait=False)
-        self.wait_nodes()
+            self.start_worker(name)
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.tmp / f"node-{name}.log", "ab")
@@ -81,10 +81,16 @@ class Cluster:
              f"--temp-dir={self.temp_dir}", *_node_ports(), *args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start_worker(self, name: str, wait: bool = True) -> None:
-        self._start(name, [f"--address={self.address}", "--num-cpus=1", f"--resources={json.dumps({f'node_{name}': 1})}"])
-        if wait:
+    def start_worker(self, name: str) -> None:
+        """Start worker node `name` and wait until the cluster has it. On a loaded machine a raylet can miss
+        Ray's start-up deadline and its `ray start` gives up: start it again (twice at most)."""
+        for attempt in range(3):
+            self._start(name, [f"--address={self.address}", "--num-cpus=1",
+                               f"--resources={json.dumps({f'node_{name}': 1})}"])
             self.wait_nodes()
+            if self.nodes[name].poll() is None:
+                return
+        raise AssertionError(f"worker node {name} did not start\n" + self.logs())
 
     def alive(self) -> list[dict]:
         out = subprocess.run([sys.executable, "-c", (
@@ -97,9 +103,9 @@ class Cluster:
 
     def wait_nodes(self, timeout_s: float = 120) -> None:
         """Until every started node with a live process is alive in the GCS, and no killed one is."""
-        want = sorted(f"node_{n}" for n, p in self.nodes.items() if n != "head" and p.poll() is None)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            want = sorted(f"node_{n}" for n, p in self.nodes.items() if n != "head" and p.poll() is None)
             have = sorted(k for r in self.alive() for k in r if k.startswith("node_"))
             if have == want:
                 return
