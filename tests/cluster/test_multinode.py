@@ -38,6 +38,13 @@ TOKEN = "test-token-0123456789"
 # every node on a loopback address: Ray keeps 127.0.0.2 as given (127.0.0.1 it would swap for the routable
 # address once multi-node clusters are on), and a driver joining it takes the same address (models.cluster)
 NODE_IP = "127.0.0.2"
+# a driver that stays connected and answers "which nodes are alive" for each line on its stdin
+WATCH = """
+import json, sys, ray
+ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], log_to_driver=False, configure_logging=False)
+for _ in sys.stdin:
+    print("NODES " + json.dumps([n["Resources"] for n in ray.nodes() if n["Alive"]]), flush=True)
+"""
 TRIAL = ("ImplicitFunc", "_Inner", "_trainable")  # the process title of a Tune trial's actor
 
 
@@ -68,6 +75,7 @@ class Cluster:
                         RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="2000",
                         RAY_health_check_failure_threshold="3", RAY_USAGE_STATS_ENABLED="0")
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.watcher: subprocess.Popen | None = None
         self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
                              f"--dashboard-port={_free_port()}",
                              f"--ray-client-server-port={_free_port()}"])
@@ -93,13 +101,23 @@ class Cluster:
         raise AssertionError(f"worker node {name} did not start\n" + self.logs())
 
     def alive(self) -> list[dict]:
-        out = subprocess.run([sys.executable, "-c", (
-            "import json, ray; ray.init(address='%s', _node_ip_address='%s', log_to_driver=False, "
-            "configure_logging=False); print('NODES', json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))")
-            % (self.address, NODE_IP)],
-            env=self.env, capture_output=True, text=True, timeout=120)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("NODES ")]
-        return json.loads(lines[-1][6:]) if lines else []
+        """The live nodes' resources, from one long-lived driver (a new Python + ray.init per question costs
+        seconds of CPU that the rest of the suite needs)."""
+        if self.watcher is None or self.watcher.poll() is not None:
+            self.watcher = subprocess.Popen([sys.executable, "-c", WATCH, self.address, NODE_IP], env=self.env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                            text=True, start_new_session=True)
+        try:
+            self.watcher.stdin.write("\n")
+            self.watcher.stdin.flush()
+            for line in self.watcher.stdout:
+                if line.startswith("NODES "):
+                    return json.loads(line[6:])
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        self.watcher.kill()  # it could not connect yet (the head still starting): a new one next time
+        time.sleep(1)
+        return []
 
     def wait_nodes(self, timeout_s: float = 120) -> None:
         """Until every started node with a live process is alive in the GCS, and no killed one is."""
@@ -154,6 +172,8 @@ class Cluster:
 
     def stop(self) -> None:
         # not `ray stop`: it would stop every Ray of this user; our own process trees only
+        if self.watcher is not None:
+            self.watcher.kill()
         for name in list(self.nodes):
             for p in self.processes(name):
                 try:
@@ -311,11 +331,21 @@ def test_tune_completes_when_a_worker_node_dies(cluster):
     results = Path(cluster.env["ILR_HOME"]) / "ray_results"
     proc = _ilr(cluster, "tune", "--dataset", "tiny", log="tune.log")
 
-    def checkpointed() -> bool:
-        return any(results.glob("tune-*/*/checkpoint_*"))
+    on_a = []
 
-    _wait_then_kill(cluster, proc, "b", TRIAL, ready=checkpointed)
-    assert cluster.running("a", *TRIAL)  # the other trial was on node A
+    def checkpointed_on_b() -> bool:
+        """Node B's trial (its reports carry the pid of a process of node B) has written a checkpoint."""
+        on_a.append(cluster.running("a", *TRIAL))  # meanwhile: the other trial runs on node A
+        pids = {p.pid for p in cluster.processes("b")}
+        for trial in results.glob("tune-*/_trainable_*"):
+            if any(trial.glob("checkpoint_*")) and (trial / "result.json").exists():
+                reports = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line]
+                if any(r.get("pid") in pids for r in reports):
+                    return True
+        return False
+
+    _wait_then_kill(cluster, proc, "b", TRIAL, ready=checkpointed_on_b)
+    assert any(on_a)  # the other trial ran on node A
     out = _finish(cluster, proc, "tune.log")
     assert "2 trial(s) finished" in out and "as challenger" in out, out
     # the trial that was on node B failed, was restored from its checkpoint and went on from there
