@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -45,6 +46,12 @@ ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], log_to_driver=False,
 for _ in sys.stdin:
     print("NODES " + json.dumps([n["Resources"] for n in ray.nodes() if n["Alive"]]), flush=True)
 """
+def _lines(stream, answers: queue.Queue) -> None:
+    for line in stream:
+        if line.startswith("NODES "):
+            answers.put(json.loads(line[6:]))
+
+
 TRIAL = ("ImplicitFunc", "_Inner", "_trainable")  # the process title of a Tune trial's actor
 
 
@@ -76,6 +83,8 @@ class Cluster:
                         RAY_health_check_failure_threshold="3", RAY_USAGE_STATS_ENABLED="0")
         self.nodes: dict[str, subprocess.Popen] = {}
         self.watcher: subprocess.Popen | None = None
+
+    def start(self) -> None:
         self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
                              f"--dashboard-port={_free_port()}",
                              f"--ray-client-server-port={_free_port()}"])
@@ -102,22 +111,21 @@ class Cluster:
 
     def alive(self) -> list[dict]:
         """The live nodes' resources, from one long-lived driver (a new Python + ray.init per question costs
-        seconds of CPU that the rest of the suite needs)."""
+        seconds of CPU that the rest of the suite needs); a driver that does not answer is replaced."""
         if self.watcher is None or self.watcher.poll() is not None:
             self.watcher = subprocess.Popen([sys.executable, "-c", WATCH, self.address, NODE_IP], env=self.env,
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                             text=True, start_new_session=True)
+            self.answers = queue.Queue()
+            threading.Thread(target=_lines, args=(self.watcher.stdout, self.answers), daemon=True).start()
         try:
             self.watcher.stdin.write("\n")
             self.watcher.stdin.flush()
-            for line in self.watcher.stdout:
-                if line.startswith("NODES "):
-                    return json.loads(line[6:])
-        except (BrokenPipeError, OSError, ValueError):
-            pass
-        self.watcher.kill()  # it could not connect yet (the head still starting): a new one next time
-        time.sleep(1)
-        return []
+            return self.answers.get(timeout=60)
+        except (BrokenPipeError, OSError, queue.Empty):
+            self.watcher.kill()  # not connected (the head still starting) or stuck: a new one next time
+            time.sleep(1)
+            return []
 
     def wait_nodes(self, timeout_s: float = 120) -> None:
         """Until every started node with a live process is alive in the GCS, and no killed one is."""
@@ -187,6 +195,11 @@ class Cluster:
 def cluster(tmp_path_factory, tiny_template):
     tmp = tmp_path_factory.mktemp("cluster")
     c = Cluster(tmp)
+    try:
+        c.start()
+    except BaseException:
+        c.stop()  # the nodes that did start
+        raise
     copy_workspace(tiny_template, tmp)
     params = {
         "tune": {"trials": 2, "steps": 10, "val_every": 2, "cpus_per_trial": 1, "max_concurrent": 2,
