@@ -11,8 +11,6 @@ import html
 import json
 import time
 
-import numpy as np
-
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from ray import serve
@@ -96,14 +94,14 @@ def _from_zero(series: dict) -> tuple[float, float] | None:
     return (0.0, max(ys) * 1.1) if ys and max(ys) > 0 else None
 
 
-def markers(store: MonitorStore) -> list[tuple[float, str, str]]:
+def markers(gate: list[dict], events: list[dict]) -> list[tuple[float, str, str]]:
     """(t, kind, text) of each promotion (gate decisions, manual promotions and rollbacks) and index swap."""
     out, seen = [], set()
-    for r in store.rows("gate"):
+    for r in gate:
         if r["decision"] == "promoted" and r["challenger"] not in seen:
             seen.add(r["challenger"])
             out.append((r["ts"], "promotion", f"promoted v{r['challenger']}"))
-    for e in store.rows("events"):
+    for e in events:
         if e["kind"] == "promotion":
             out.append((e["ts"], "promotion", f"champion v{json.loads(e['detail'] or '{}').get('champion')}"))
         elif e["kind"] == "index_swap":
@@ -112,16 +110,13 @@ def markers(store: MonitorStore) -> list[tuple[float, str, str]]:
     return sorted(out)
 
 
-def _per_domain(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """mAP@k per domain per canary pass (the mean of its queries' AP@k)."""
-    groups: dict[tuple[str, float], list[float]] = {}
-    for r in rows:
-        groups.setdefault((r["domain"], r["ts"]), []).append(r["ap"])
+def _per_domain(store: MonitorStore) -> dict[str, list[tuple[float, float]]]:
+    """mAP@k per domain per canary pass (the mean of its queries' AP@k), aggregated by SQLite."""
     series: dict[str, list] = {}
     last: dict[str, int] = {}
-    for (domain, ts), aps in sorted(groups.items(), key=lambda kv: kv[0][1]):
-        series.setdefault(domain, []).append((ts, float(np.mean(aps))))
-        last[domain] = len(aps)
+    for ts, domain, ap, n in store.domain_quality():
+        series.setdefault(domain, []).append((ts, float(ap)))
+        last[domain] = n
     return {f"{d} ({last[d]} q)": s for d, s in series.items()}  # with the last pass's number of queries
 
 
@@ -171,8 +166,8 @@ def worst_queries(store: MonitorStore, canary: list[dict]) -> str:
 
 def render(store: MonitorStore, health: dict | None = None, metrics: dict | None = None) -> str:
     canary, drift, ann = store.rows("canary"), store.rows("drift"), store.rows("ann")
-    events = store.rows("events")[-12:]
-    marks = markers(store)
+    events, gate = store.rows("events"), store.rows("gate")
+    marks = markers(gate, events)
     quality = {name: [(r["ts"], r[col]) for r in canary if r["queries"]]
                for name, col in (("mAP@k", "map_at_k"), ("recall@k", "recall_at_k"), ("top-1", "top1"))}
     latency = {f"{p}": [(r["ts"], r[f"{p}_ms"]) for r in canary if r[f"{p}_ms"] is not None] for p in ("p50", "p95", "p99")}
@@ -183,7 +178,7 @@ def render(store: MonitorStore, health: dict | None = None, metrics: dict | None
     suites: dict[str, list] = {}
     for r in store.rows("suites"):  # the live model on the golden suites, each monitoring pass
         suites.setdefault(f"{r['dataset']} (live)", []).append((r["ts"], r["served"]))
-    for r in store.rows("gate"):  # the champion's served mAP per dataset after each gate decision
+    for r in gate:  # the champion's served mAP per dataset after each gate decision
         suites.setdefault(f"{r['dataset']} (gate)", []).append((r["ts"], r["served"]))
     h = health or {}
     live = (f"<b>model</b> {html.escape(str(h.get('model')))} &nbsp; <b>index</b> {html.escape(str(h.get('index')))}"
@@ -202,12 +197,12 @@ def render(store: MonitorStore, health: dict | None = None, metrics: dict | None
     m = metrics or {}
     counters = " &nbsp; ".join(f"{html.escape(k)}: {v:g}" for k, v in sorted(m.items())) or "-"
     ev = "".join(f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['ts']))}</td><td>{html.escape(e['kind'])}"
-                 f"</td><td>{html.escape(e['reason'] or '')}</td></tr>" for e in reversed(events)) or \
+                 f"</td><td>{html.escape(e['reason'] or '')}</td></tr>" for e in reversed(events[-12:])) or \
         "<tr><td colspan=3>none</td></tr>"
     plots = "".join([
         svg_plot("Retrieval quality (canary on the live dataset)", quality, "score", "plot-quality", (0, 1),
                  markers=marks),
-        svg_plot("mAP@k per domain (canary)", _per_domain(store.rows("canary_queries")), "mAP@k", "plot-domains",
+        svg_plot("mAP@k per domain (canary)", _per_domain(store), "mAP@k", "plot-domains",
                  (0, 1), markers=marks),
         svg_plot("Served mAP per golden suite (live: each pass; gate: the champion)",
                  suites, "mAP", "plot-suites", (0, 1), markers=marks),

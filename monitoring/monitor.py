@@ -103,9 +103,8 @@ def record_queries(store: MonitorStore, client, c: CanaryResult, ts: float, wors
 
     from data.images import file_thumbnail, thumbnail_jpeg
 
-    for q in c.per_query:
-        store.add("canary_queries", ts=ts, model=c.model, idx=c.index, dataset=c.dataset,
-                  **{k: v for k, v in q.items() if k != "path"})
+    store.add_many("canary_queries", [{"ts": ts, "model": c.model, "idx": c.index, "dataset": c.dataset,
+                                       **{k: v for k, v in q.items() if k != "path"}} for q in c.per_query])
 
     def small(image_id: str | None) -> bytes | None:
         jpeg = client.thumbnail(image_id) if image_id else None

@@ -43,12 +43,24 @@ class MonitorStore:
         self.db.commit()
 
     def add(self, table: str, **row) -> None:
-        row.setdefault("ts", time.time())
-        row = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+        self.add_many(table, [row])
+
+    def add_many(self, table: str, rows: list[dict]) -> None:
+        """Rows with the same columns, in one transaction."""
+        if not rows:
+            return
+        ts = time.time()
+        rows = [{"ts": ts, **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()}}
+                for r in rows]
         with _lock:
-            self.db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                            list(row.values()))
+            self.db.executemany(f"INSERT INTO {table} ({', '.join(rows[0])}) VALUES ({', '.join('?' * len(rows[0]))})",
+                                [list(r.values()) for r in rows])
             self.db.commit()
+
+    def domain_quality(self) -> list[tuple[float, str, float, int]]:
+        """(pass ts, domain, mAP@k = mean AP@k of its queries, queries) of every canary pass, oldest first."""
+        return self.db.execute("SELECT ts, domain, AVG(ap), COUNT(*) FROM canary_queries GROUP BY ts, domain "
+                               "ORDER BY ts").fetchall()
 
     def prune_thumbs(self, keep: int = THUMB_RUNS) -> None:
         with _lock:
