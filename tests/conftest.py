@@ -135,7 +135,8 @@ def tiny_synthetic(tmp_path_factory) -> Path:
 # The longest files first, each alone with a short one beside it (scripts/test runs xdist with
 # --no-loadscope-reorder, so files are handed out in this order, two to each worker at the start): the
 # fresh-clone demo (~6 min) starts at once on one worker while the other works through the rest.
-FIRST = ("tests/flows/test_e2e.py", "tests/cluster/test_multinode.py", "tests/test_layout.py",
+FIRST = ("tests/flows/test_e2e.py", "tests/cluster/test_multinode.py", "tests/servers/test_servers.py",
+         "tests/test_layout.py",
          "tests/models/test_registry_tune.py", "tests/serving/test_service.py")
 
 
