@@ -53,6 +53,8 @@ class TrainConfig:
     backbone_lr_mult: float = 0.1
     freeze_blocks: int = 3                    # backbone children frozen from the input side (stem counts)
     freeze_bn: bool = True
+    l2sp: float = 0.0                         # L2-SP (Li et al., ICML 2018): alpha/2 x ||w - w_pretrained||^2 on the
+                                              # trainable backbone weights, in place of weight decay toward zero
     whiten_init: str = "random"               # random: PyTorch's default initialisation; identity: the whitening
                                               # layer starts as the off-the-shelf GeM descriptor (zero-padded to
                                               # model.dim): better on pkg-photos, worse on realdev and synthetic

@@ -156,11 +156,16 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     backbone_ids = {id(p) for p in backbone}
     heads = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
-    opt = torch.optim.SGD([{"params": heads}, {"params": backbone, "lr": tcfg.lr * tcfg.backbone_lr_mult}],
+    # L2-SP: the backbone decays toward its pretrained weights (snapshotted before any step) instead of zero
+    anchors = [p.detach().clone() for p in backbone] if tcfg.l2sp > 0 else []
+    opt = torch.optim.SGD([{"params": heads},
+                           {"params": backbone, "lr": tcfg.lr * tcfg.backbone_lr_mult,
+                            "weight_decay": 0.0 if anchors else tcfg.weight_decay}],
                           lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     if frozen:
         log_fn(f"backbone: {frozen} frozen from the input side; lr x {tcfg.backbone_lr_mult}; "
-               f"BatchNorm statistics {'kept' if tcfg.freeze_bn else 'trained'}")
+               f"BatchNorm statistics {'kept' if tcfg.freeze_bn else 'trained'}"
+               + (f"; L2-SP {tcfg.l2sp} toward the pretrained weights" if anchors else ""))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / tcfg.steps))
     use_amp = tcfg.amp and device.startswith("cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -207,6 +212,10 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
                     losses = model.losses(x, y)
+                if anchors:
+                    drift = sum(((p.float() - a) ** 2).sum() for p, a in zip(backbone, anchors))
+                    losses["l2sp"] = 0.5 * tcfg.l2sp * drift
+                    losses["loss"] = losses["loss"] + losses["l2sp"]
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(losses["loss"]).backward()
                 scaler.unscale_(opt)
