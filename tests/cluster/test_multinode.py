@@ -85,11 +85,32 @@ class Cluster:
         self.watcher: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
-                             f"--dashboard-port={_free_port()}",
-                             f"--ray-client-server-port={_free_port()}"])
+        self.start_head()
         for name in ("a", "b"):
             self.start_worker(name)
+
+    def start_head(self) -> None:
+        """Start the head and wait until its GCS answers. On a loaded machine the head's raylet can miss Ray's
+        start-up deadline and `ray start` gives up: kill what it left and start it again on a fresh port."""
+        for attempt in range(3):
+            self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
+                                 f"--dashboard-port={_free_port()}",
+                                 f"--ray-client-server-port={_free_port()}"])
+            deadline = time.monotonic() + 120
+            while self.nodes["head"].poll() is None and time.monotonic() < deadline:
+                if self.alive():
+                    return
+                time.sleep(1)
+            try:
+                os.killpg(self.nodes["head"].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self.watcher is not None:  # it asked the old address
+                self.watcher.kill()
+                self.watcher = None
+            self.port = _free_port()
+            self.address = f"{NODE_IP}:{self.port}"
+        raise AssertionError("the head node did not start\n" + self.logs())
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.tmp / f"node-{name}.log", "ab")
