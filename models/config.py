@@ -55,6 +55,10 @@ class TrainConfig:
     freeze_bn: bool = True
     l2sp: float = 0.0                         # L2-SP (Li et al., ICML 2018): alpha/2 x ||w - w_pretrained||^2 on the
                                               # trainable backbone weights, in place of weight decay toward zero
+    distill: float = 0.0                      # feature distillation toward the frozen pretrained backbone (LwF /
+                                              # DELTA style, on the training images): weight x the mean
+                                              # (1 - cosine) of its GeM descriptors and of its local-stage
+                                              # descriptors, student vs the ImageNet backbone
     whiten_init: str = "random"               # random: PyTorch's default initialisation; identity: the whitening
                                               # layer starts as the off-the-shelf GeM descriptor (zero-padded to
                                               # model.dim): better on pkg-photos, worse on realdev and synthetic

@@ -175,6 +175,7 @@ class DELG(nn.Module):
                        + self.cfg.reconstruction_loss_weight * out["reconstruction_mse"])
         with torch.no_grad():
             out["accuracy"] = (global_logits.argmax(1) == labels).float().mean()
+        out["maps"] = (local_map, global_map)  # for losses computed outside (distillation); not a loss
         return out
 
     def inference_state(self) -> dict[str, torch.Tensor]:

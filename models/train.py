@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data import manifest
 from data.config import NO_LABEL, ilr_home
@@ -26,7 +27,7 @@ from data.versioning import Version, dataset_dir
 from models import registry, tracking
 from models.config import ModelConfig, TrainConfig, model_config, resolve_device, train_config
 from models.dataset import ImageSet
-from models.delg import DELG
+from models.delg import DELG, gem
 from models.metrics import average_precision
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,28 @@ def _train_mode(model: DELG, tcfg: TrainConfig) -> None:
         for m in model.backbone.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def _teacher(model: DELG) -> torch.nn.Module:
+    """A frozen copy of the backbone as it is before any step (the pretrained weights), in eval mode."""
+    import copy
+
+    teacher = copy.deepcopy(model.backbone).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _distill_loss(maps: tuple[torch.Tensor, torch.Tensor], teacher: torch.nn.Module, x: torch.Tensor,
+                  mcfg: ModelConfig) -> torch.Tensor:
+    """Mean (1 - cosine) between the student's and the pretrained backbone's GeM descriptors, plus the same
+    over the local stage's descriptors at every position: what the served descriptors are made of stays
+    close to ImageNet's on the training images while the heads learn the new domain."""
+    local_s, global_s = maps
+    with torch.no_grad():
+        local_t, global_t = teacher(x)
+    g = 1 - F.cosine_similarity(gem(global_s.float(), mcfg.gem_p), gem(global_t.float(), mcfg.gem_p), dim=-1)
+    loc = 1 - F.cosine_similarity(local_s.float(), local_t.float(), dim=1)
+    return g.mean() + loc.mean()
 
 
 @torch.no_grad()
@@ -158,6 +181,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
     heads = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
     # L2-SP: the backbone decays toward its pretrained weights (snapshotted before any step) instead of zero
     anchors = [p.detach().clone() for p in backbone] if tcfg.l2sp > 0 else []
+    teacher = _teacher(model) if tcfg.distill > 0 else None
     opt = torch.optim.SGD([{"params": heads},
                            {"params": backbone, "lr": tcfg.lr * tcfg.backbone_lr_mult,
                             "weight_decay": 0.0 if anchors else tcfg.weight_decay}],
@@ -165,7 +189,8 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
     if frozen:
         log_fn(f"backbone: {frozen} frozen from the input side; lr x {tcfg.backbone_lr_mult}; "
                f"BatchNorm statistics {'kept' if tcfg.freeze_bn else 'trained'}"
-               + (f"; L2-SP {tcfg.l2sp} toward the pretrained weights" if anchors else ""))
+               + (f"; L2-SP {tcfg.l2sp} toward the pretrained weights" if anchors else "")
+               + (f"; distillation {tcfg.distill} toward the pretrained features" if teacher else ""))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / tcfg.steps))
     use_amp = tcfg.amp and device.startswith("cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -212,6 +237,10 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
                     losses = model.losses(x, y)
+                    if teacher is not None:
+                        losses["distill"] = tcfg.distill * _distill_loss(losses.pop("maps"), teacher, x, model.cfg)
+                        losses["loss"] = losses["loss"] + losses["distill"]
+                losses.pop("maps", None)
                 if anchors:
                     drift = sum(((p.float() - a) ** 2).sum() for p, a in zip(backbone, anchors))
                     losses["l2sp"] = 0.5 * tcfg.l2sp * drift

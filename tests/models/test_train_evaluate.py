@@ -82,18 +82,24 @@ def test_leave_one_out_protocol_on_a_photo_folder(workspace, tmp_path):
 
 def test_fine_tuning_can_keep_what_imagenet_gave(tiny_workspace):
     """Frozen early blocks and BatchNorm statistics stay as pretrained; the backbone learns at a lower rate,
-    pulled back toward its pretrained weights (L2-SP): the penalty is 0 at the start and grows as it moves."""
+    pulled back toward its pretrained weights (L2-SP) and its features toward the pretrained backbone's
+    (distillation): both penalties are 0 at the start and grow as it moves."""
     import torch
 
     from models.artifacts import load
     from models.delg import DELG
 
-    tcfg = TrainConfig(steps=2, freeze_blocks=3, freeze_bn=True, backbone_lr_mult=0.1, l2sp=1.0, **SMALL)
+    tcfg = TrainConfig(steps=2, freeze_blocks=3, freeze_bn=True, backbone_lr_mult=0.1, l2sp=1.0, distill=1.0,
+                       **SMALL)
     lines = []
     res = train("tiny", ModelConfig(dim=64), tcfg, log_fn=lines.append)
-    assert any("conv_stem, bn1, blocks.0 frozen" in line and "L2-SP 1.0" in line for line in lines), lines
-    penalty = [m.value for m in MlflowClient(tracking.tracking_uri()).get_metric_history(res.run_id, "l2sp")]
+    assert any("conv_stem, bn1, blocks.0 frozen" in line and "L2-SP 1.0" in line and "distillation 1.0" in line
+               for line in lines), lines
+    history = MlflowClient(tracking.tracking_uri()).get_metric_history
+    penalty = [m.value for m in history(res.run_id, "l2sp")]
     assert len(penalty) == 2 and penalty[0] == 0.0 and penalty[1] > 0.0, penalty
+    distill = [m.value for m in history(res.run_id, "distill")]
+    assert len(distill) == 2 and distill[0] < 1e-5 and distill[1] > distill[0], distill
     trained = load(res.model_dir).backbone.state_dict()
     pretrained = DELG(ModelConfig(dim=64)).backbone.state_dict()
     assert torch.equal(trained["conv_stem.weight"], pretrained["conv_stem.weight"])
