@@ -15,6 +15,7 @@ Suites:
 
 Run:  .venv/bin/python benchmarks/real_quality.py --realdev PATH [--model off-the-shelf|URI|FOLDER ...]
       [--max-side 384 512] [--features 500 1000] [--backbone tf_efficientnet_lite0 tf_efficientnet_lite2]
+      [--verifier delg rootsift [--sift-side 640] [--sift-threshold 8]]
 Prints one row per (suite, model, setting, score): mAP (realdev also with its one known overlap scored as
 junk, REALDEV_ALSO_SHOWS), extraction ms per image and geometric verification ms per query.
 """
@@ -90,11 +91,35 @@ def junk_of(paths: list[Path], labels: np.ndarray, also_shows: dict[str, str]) -
     return out
 
 
+def rootsift(paths, max_side: int, count: int) -> list[tuple]:
+    """OpenCV SIFT keypoints (at most `count`, on the grey image with its longest side capped at max_side)
+    with RootSIFT descriptors (Arandjelovic & Zisserman, CVPR 2012: L1-normalised, square root, so unit L2),
+    as (keypoints in original pixels, descriptors, (width, height)): the verifier's input format."""
+    import cv2
+    from PIL import Image, ImageOps
+
+    sift, out = cv2.SIFT_create(nfeatures=count), []
+    for path in paths:
+        with Image.open(path) as im:
+            grey = ImageOps.exif_transpose(im).convert("L")
+        size, scale = grey.size, min(1.0, max_side / max(grey.size))
+        if scale < 1:
+            grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.BILINEAR)
+        kp, desc = sift.detectAndCompute(np.asarray(grey), None)
+        if desc is None:
+            out.append((np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), size))
+            continue
+        desc = np.sqrt(desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-7)).astype(np.float32)
+        out.append((np.array([k.pt for k in kp], np.float32) / scale, desc, size))
+    return out
+
+
 def evaluate_suite(paths, labels, model, ecfg, rcfg, scores: dict, q_paths=None, q_labels=None,
-                   also_shows: dict | None = None) -> dict:
+                   also_shows: dict | None = None, local_fn=None) -> dict:
     """{"global": mAP, "<score>": mAP, ..., "extract_ms": per image, "rerank_ms": per query}. Leave-one-out
     over `paths` unless queries are given; with `also_shows` (leave-one-out only) also the same with that
-    junk, under "<name> junk"."""
+    junk, under "<name> junk". local_fn(paths) -> [(keypoints, descriptors, size)] replaces the model's
+    local features for verification (e.g. rootsift); its time is added to extract_ms."""
     from data.config import NO_LABEL
     from models import metrics
     from models.extract import Extractor
@@ -107,6 +132,10 @@ def evaluate_suite(paths, labels, model, ecfg, rcfg, scores: dict, q_paths=None,
     extract_ms = (time.perf_counter() - t0) * 1000 / len(paths)
     g = np.stack([f.global_desc for f in feats])
     local = [(*unpack_local(*pack_local(f)), f.size) for f in feats]  # int8 as stored
+    if local_fn is not None:
+        t0 = time.perf_counter()
+        local = local_fn(paths)
+        extract_ms += (time.perf_counter() - t0) * 1000 / len(paths)
     if q_paths is None:
         counts = {lab: int((labels == lab).sum()) for lab in set(labels)}
         queries = [i for i in range(len(paths)) if counts[labels[i]] >= 2]
@@ -118,7 +147,7 @@ def evaluate_suite(paths, labels, model, ecfg, rcfg, scores: dict, q_paths=None,
     else:
         q_feats = extractor.extract(q_paths)
         q_g = np.stack([f.global_desc for f in q_feats])
-        q_local = [(*unpack_local(*pack_local(f)), f.size) for f in q_feats]
+        q_local = local_fn(q_paths) if local_fn else [(*unpack_local(*pack_local(f)), f.size) for f in q_feats]
         queries = list(range(len(q_paths)))
         sims = q_g @ g.T
         gt = [np.flatnonzero((labels == lab) & (labels != NO_LABEL)) for lab in q_labels]
@@ -162,6 +191,11 @@ def main() -> None:
     ap.add_argument("--features", type=int, nargs="+", default=[None])
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--ratio", type=float, nargs="+", default=[None], help="matcher ratio test (1.0 = off)")
+    ap.add_argument("--verifier", nargs="+", default=["delg"], choices=["delg", "rootsift"],
+                    help="local features for verification: the model's, or OpenCV RootSIFT")
+    ap.add_argument("--sift-side", type=int, default=640, help="rootsift: longest side of the image it reads")
+    ap.add_argument("--sift-threshold", type=float, default=8.0, help="rootsift: RANSAC threshold in pixels at "
+                    "--sift-side")
     args = ap.parse_args()
 
     from models import artifacts, registry
@@ -179,8 +213,8 @@ def main() -> None:
             suites[s] = synthetic_suite()
         else:
             suites[s] = folder_suite(Path(s))
-    print(f"{'suite':15s} {'model':24s} {'side':>4s} {'feat':>4s} {'ratio':>5s} {'score':20s} {'mAP':>7s} "
-          f"{'junk':>7s} {'ext ms':>7s} {'rr ms':>6s}")
+    print(f"{'suite':15s} {'model':24s} {'side':>4s} {'feat':>4s} {'ratio':>5s} {'verifier':8s} {'score':20s} "
+          f"{'mAP':>7s} {'junk':>7s} {'ext ms':>7s} {'rr ms':>6s}")
     for model_ref in args.model:
         for backbone, gem_p in [(b, p) for b in args.backbone for p in args.gem_p]:
             if model_ref == "off-the-shelf":
@@ -195,14 +229,20 @@ def main() -> None:
                                       **({"scales": tuple(float(x) for x in scales.split(","))} if scales else {}))
                 name_s = name + (f" s{scales}" if scales else "")
                 for suite, (paths, labels, *queries) in suites.items():
-                    for ratio in args.ratio:
+                    for ratio, verifier in [(r, v) for r in args.ratio for v in args.verifier]:
                         rcfg = rerank_config(**{k: v for k, v in {"top_k": args.top_k, "ratio": ratio}.items() if v})
+                        local_fn = None
+                        if verifier == "rootsift":  # SIFT's keypoints are precise to a pixel, not a 16-px cell
+                            rcfg = replace(rcfg, ransac_threshold_px=args.sift_threshold,
+                                           threshold_reference_px=args.sift_side)
+                            local_fn = lambda p: rootsift(p, args.sift_side, ecfg.local_count("cpu"))  # noqa: E731
                         r = evaluate_suite(paths, labels, model, ecfg, rcfg, SCORES, *queries,
-                                           also_shows=REALDEV_ALSO_SHOWS if suite == "realdev" else None)
+                                           also_shows=REALDEV_ALSO_SHOWS if suite == "realdev" else None,
+                                           local_fn=local_fn)
                         for score in ["global", *SCORES]:
                             junk = f"{r[score + ' junk']:7.4f}" if score + " junk" in r else f"{'':7s}"
-                            print(f"{suite:15s} {name_s:24s} {ecfg.max_side_px:4d} {ecfg.local_count('cpu'):4d} "
-                                  f"{rcfg.ratio:5.2f} {score:20s} {r[score]:7.4f} {junk} "
+                            print(f"{suite:15s} {name_s[:24]:24s} {ecfg.max_side_px:4d} {ecfg.local_count('cpu'):4d} "
+                                  f"{rcfg.ratio:5.2f} {verifier:8s} {score:20s} {r[score]:7.4f} {junk} "
                                   f"{r['extract_ms']:7.0f} {r['rerank_ms']:6.0f}", flush=True)
 
 
