@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -132,13 +134,49 @@ def from_params(cls, section: str, **overrides):
     if unknown:
         raise IlrError(f"unknown setting(s) {', '.join(unknown)} in section {section!r}", where=str(params_path()),
                        hint=f"known: {', '.join(sorted(names))}")
-    values = {k: tuple(v) if isinstance(v, list) and k in _tuple_fields(cls) else v for k, v in values.items()}
+    hints = typing.get_type_hints(cls)
+    values = {k: _typed(v, hints[k], f"{section}.{k}") for k, v in values.items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 
 
-def _tuple_fields(cls) -> set[str]:
-    return {f.name for f in fields(cls) if "tuple" in str(f.type)}
+def _typed(value, kind, name: str):
+    """A params-file value as the setting's type: ints and floats as such (an integral float is an int, an
+    int a float), lists as tuples where a tuple is wanted; anything else that does not fit is an error that
+    names the setting (`train.seed: 1.5` would otherwise fail deep inside a library, or pass silently)."""
+    def bad(want: str):
+        return IlrError(f"setting {name} is {value!r} ({type(value).__name__}); it must be {want}",
+                        where=str(params_path()))
+
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _typed(value, next(a for a in args if a is not type(None)), name)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        item = args[0] if args else object
+        if len(args) > 1 and args[1] is not Ellipsis and len(value) != len(args):
+            raise bad(f"a list of {len(args)}")
+        return tuple(_typed(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if kind in (str, list, dict) and not isinstance(value, kind):
+        raise bad({str: "a string", list: "a list", dict: "a mapping"}[kind])
+    return value
 
 
 @dataclass

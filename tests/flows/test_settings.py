@@ -66,6 +66,28 @@ def test_typed_sections_replace_raw_dicts(tmp_path, monkeypatch):
     assert pipeline_config().dataset == "my-photos"
 
 
+def test_values_are_checked_against_their_types(tmp_path, monkeypatch):
+    """A value of the wrong type is refused at load with the setting's name; numbers that fit are converted
+    (`seed: 1.0` used to fail inside NumPy during training, `freeze_bn: "no"` to count as true)."""
+    from flows.config import check_params
+    from models.config import extract_config, train_config
+
+    _params(tmp_path, monkeypatch, train={"seed": 1.0, "lr": 1}, extract={"scales": [1, 2]})
+    assert (train_config().seed, train_config().lr, extract_config().scales) == (1, 1.0, (1.0, 2.0))
+    assert isinstance(train_config().seed, int) and isinstance(train_config().lr, float)
+    for section, bad, says in (("train", {"seed": 1.5}, "train.seed is 1.5 (float); it must be a whole number"),
+                               ("train", {"freeze_bn": "no"}, "train.freeze_bn is 'no' (str); it must be true or"),
+                               ("model", {"mean": [0.5, 0.5]}, "model.mean is [0.5, 0.5] (list); it must be a list "
+                                                                "of 3"),
+                               ("rerank", {"top_k": "50"}, "rerank.top_k is '50' (str); it must be a whole number"),
+                               ("gate", {"suites": "real-photos"}, "gate.suites is 'real-photos' (str); it must be a "
+                                                                   "list")):
+        _params(tmp_path, monkeypatch, **{section: bad})
+        with pytest.raises(IlrError) as e:
+            check_params()
+        assert says in str(e.value) and "params.yaml" in str(e.value)
+
+
 def test_workspace_is_resolved_once_and_absolute(tmp_path, monkeypatch):
     """A worker runs in a folder of its own (Ray Tune: the trial's working dir): it must get the driver's
     absolute repo, home, params file and stores, and never resolve them from its own cwd."""
