@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import numpy as np
@@ -62,23 +63,31 @@ class Servers:
         self.procs.append(p)
         return p
 
-    def mlflow(self) -> str:
+    def mlflow(self) -> Callable[[], str]:
+        """Starts the MLflow server; the returned call waits until it answers and gives its URI."""
         port = free_port()
         p = self.start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                         "--backend-store-uri", f"sqlite:///{self.work / 'mlflow-server.db'}",
                         "--artifacts-destination", str(self.work / "mlflow-artifacts")], "mlflow-server")
-        wait_http(f"http://127.0.0.1:{port}/health", p, self.work / "mlflow-server.log")
-        return f"http://127.0.0.1:{port}"
 
-    def prefect(self) -> str:
+        def ready() -> str:
+            wait_http(f"http://127.0.0.1:{port}/health", p, self.work / "mlflow-server.log")
+            return f"http://127.0.0.1:{port}"
+        return ready
+
+    def prefect(self) -> Callable[[], str]:
+        """Starts the Prefect server; the returned call waits until it answers and gives its API URL."""
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(PREFECT_HOME=str(self.work / "prefect-server"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
         p = self.start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                        "prefect-server", env)
-        wait_http(f"http://127.0.0.1:{port}/api/health", p, self.work / "prefect-server.log")
-        return f"http://127.0.0.1:{port}/api"
+
+        def ready() -> str:
+            wait_http(f"http://127.0.0.1:{port}/api/health", p, self.work / "prefect-server.log")
+            return f"http://127.0.0.1:{port}/api"
+        return ready
 
     def milvus_standalone(self) -> str:
         from milvus import MilvusServer
@@ -224,11 +233,12 @@ def main() -> None:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     servers = Servers(work)
     try:
-        mlflow_uri, prefect_api = servers.mlflow(), servers.prefect()
+        # the three start side by side: each spends most of its start-up importing and migrating on its own
+        mlflow_ready, prefect_ready = servers.mlflow(), servers.prefect()
+        milvus_uri = servers.milvus_standalone() if milvus else None
+        mlflow_uri, prefect_api = mlflow_ready(), prefect_ready()
         os.environ.update(MLFLOW_TRACKING_URI=mlflow_uri, PREFECT_API_URL=prefect_api, ILR_API_TOKEN=TOKEN)
-        milvus_uri = None
-        if milvus:
-            milvus_uri = servers.milvus_standalone()
+        if milvus_uri:
             os.environ["MILVUS_URI"] = milvus_uri
             vector_index_checks(milvus_uri)
         lifecycle(mlflow_uri, milvus_uri)
