@@ -385,7 +385,9 @@ def test_tune_completes_when_a_worker_node_dies(cluster):
     rows = list(csv.DictReader(open(failed / "progress.csv")))
     steps = [int(r["step"]) for r in rows]
     # Tune either keeps the first attempt's rows (then its counters show the restore) or starts the log
-    # again (then it starts after the checkpoint); a restart from scratch would report step 2 again
+    # again (then it starts after the checkpoint); a restart from scratch would report step 2 again. A step
+    # reported after the last checkpoint and before the node died is reported again after the restore
+    # (seen: 2, 4, 4, 6, ...), so only the first step must be unique.
     restored = any(int(r["iterations_since_restore"]) < int(r["training_iteration"]) for r in rows) or steps[0] > 2
-    assert restored and steps == sorted(steps) and len(set(steps[:-1])) == len(steps) - 1, rows
+    assert restored and steps == sorted(steps) and steps.count(steps[0]) == 1, rows
     assert steps[-1] == 10, steps
