@@ -74,6 +74,9 @@ def _trainable(config: dict, base: dict) -> None:
     res = train(base["dataset"], mcfg, tcfg, checkpoint_dir=ckpt_dir, report=report, log_fn=lambda *_: None,
                 parent_run_id=base["parent_run_id"], run_name=f"trial {trial_id}")
     tune.report({**res.metrics, "step": res.steps, "model_uri": res.model_uri, "run_id": res.run_id})
+    # the model is in MLflow and the checkpoints are Tune's: the node-local scratch is done with (it held
+    # 50-100 MB per trial, under the system temp folder, for as long as the machine lived)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def _restore(path: str, trainable, log_fn: Callable[[str], None]):
@@ -169,6 +172,7 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
                 run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
         grid = tuner.fit()
+        shutil.rmtree(_trial_root(key), ignore_errors=True)  # this node's scratch of trials that ASHA stopped
         finished = [r for r in grid if r.metrics and r.metrics.get("model_uri")]  # ran to the end
         stopped = sum(1 for r in grid if r.metrics and not r.metrics.get("model_uri") and r.error is None)
         errors = [r.error for r in grid if r.error is not None]

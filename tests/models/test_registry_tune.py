@@ -136,7 +136,7 @@ TUNE_SPACE = {"lr": ["grid_search", [0.00001, 0.05]], "arcface_margin": ["unifor
 
 @pytest.mark.slow
 def test_tune_asha_registers_challenger(tiny_workspace):
-    from models.tune import TuneConfig, tune_delg
+    from models.tune import TuneConfig, _trial_root, tune_delg
 
     res = tune_delg("tiny", TuneConfig(trials=2, steps=8, val_every=2, cpus_per_trial=0.5, max_concurrent=2,
                                           space=TUNE_SPACE),
@@ -149,6 +149,10 @@ def test_tune_asha_registers_challenger(tiny_workspace):
     assert len(runs) == 4
     tags = MlflowClient().get_model_version(registry.model_name(), res.model_version).tags
     assert tags["tune_run_id"] == res.parent_run_id and tags["dataset.dvc_md5"]
+    # the trials' node-local scratch (checkpoints, the model before MLflow had it) is gone: the challenger
+    # came from MLflow
+    assert not _trial_root(Path(res.results_path).name.rsplit("-", 1)[1]).exists()
+    assert registry.load(res.model_version)[0] is not None
 
 
 class _InterruptOnce:
