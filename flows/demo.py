@@ -27,13 +27,16 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     else:
         v1 = lc.ingest_dataset("synthetic", size, name, seed=seed)
         say(f"1. dataset {v1['ref']}: generated, validated (GX), versioned (DVC)")
-    tr = lc.train_and_register(v1["ref"], trials, steps)
-    t, g = tr["tune"], tr["gate"]
-    say(f"2. tuned {t['trials']} trials ({t['stopped_early']} stopped early by ASHA), challenger v{t['challenger']}; "
-        f"gate: {'PROMOTED' if g['promoted'] else 'rejected'} ({g['reason']})")
-    ix = lc.build_and_swap_index(v1["ref"])
-    say(f"3. index {ix['collection']}: {ix['images']} images, ANN recall {ix['recall']:.3f}, live alias moved: "
-        f"{ix['alias_moved']}")
+    # one lifecycle at a time per workspace: a retrain that the first run started in the background finishes
+    # before this run tunes, gates and swaps (two gates promoting, or two builds swapping, at once would race)
+    with lc.retrain_lock():
+        tr = lc.train_and_register(v1["ref"], trials, steps)
+        t, g = tr["tune"], tr["gate"]
+        say(f"2. tuned {t['trials']} trials ({t['stopped_early']} stopped early by ASHA), challenger "
+            f"v{t['challenger']}; gate: {'PROMOTED' if g['promoted'] else 'rejected'} ({g['reason']})")
+        ix = lc.build_and_swap_index(v1["ref"])
+        say(f"3. index {ix['collection']}: {ix['images']} images, ANN recall {ix['recall']:.3f}, live alias moved: "
+            f"{ix['alias_moved']}")
     dep = lc.deploy(port)
     url = dep["url"]
     say(f"4. serving {url}: model {dep['model']}, index {dep['index']}")
