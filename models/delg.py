@@ -157,8 +157,11 @@ class DELG(nn.Module):
         attn, desc = self.local_head(local_map)
         return self.global_descriptor(global_map), attn, desc
 
-    def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training losses; the local branch sees the backbone through a stop-gradient."""
+    def losses(self, images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None = None,
+               distill_weight: float = 0.0) -> dict[str, torch.Tensor]:
+        """Training losses; the local branch sees the backbone through a stop-gradient. With a teacher (a
+        frozen pretrained backbone), also distill_weight x the mean (1 - cosine) between its GeM descriptors
+        and the student's, plus the same over the local stage's descriptors at every position."""
         local_map, global_map = self.features(images)
         emb = self.learned_descriptor(global_map)
         global_logits = self.arcface(emb, labels)
@@ -173,9 +176,16 @@ class DELG(nn.Module):
                "reconstruction_mse": F.mse_loss(recon, block)}
         out["loss"] = (out["global_ce"] + self.cfg.attention_loss_weight * out["attention_ce"]
                        + self.cfg.reconstruction_loss_weight * out["reconstruction_mse"])
+        if teacher is not None:
+            with torch.no_grad():
+                local_t, global_t = teacher(images)
+            g = 1 - F.cosine_similarity(gem(global_map.float(), self.cfg.gem_p), gem(global_t.float(), self.cfg.gem_p),
+                                        dim=-1)
+            loc = 1 - F.cosine_similarity(local_map.float(), local_t.float(), dim=1)
+            out["distill"] = distill_weight * (g.mean() + loc.mean())
+            out["loss"] = out["loss"] + out["distill"]
         with torch.no_grad():
             out["accuracy"] = (global_logits.argmax(1) == labels).float().mean()
-        out["maps"] = (local_map, global_map)  # for losses computed outside (distillation); not a loss
         return out
 
     def inference_state(self) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data import manifest
 from data.config import NO_LABEL, ilr_home
@@ -27,7 +26,7 @@ from data.versioning import Version, dataset_dir
 from models import registry, tracking
 from models.config import ModelConfig, TrainConfig, model_config, resolve_device, train_config
 from models.dataset import ImageSet
-from models.delg import DELG, gem
+from models.delg import DELG
 from models.metrics import average_precision
 
 log = logging.getLogger(__name__)
@@ -90,25 +89,13 @@ def _train_mode(model: DELG, tcfg: TrainConfig) -> None:
 
 
 def _teacher(model: DELG) -> torch.nn.Module:
-    """A frozen copy of the backbone as it is before any step (the pretrained weights), in eval mode."""
+    """A frozen copy of the backbone as it is before any step (the pretrained weights), in eval mode: what
+    `train.distill` keeps the served descriptors close to on the training images."""
     import copy
 
     teacher = copy.deepcopy(model.backbone).eval()
     teacher.requires_grad_(False)
     return teacher
-
-
-def _distill_loss(maps: tuple[torch.Tensor, torch.Tensor], teacher: torch.nn.Module, x: torch.Tensor,
-                  mcfg: ModelConfig) -> torch.Tensor:
-    """Mean (1 - cosine) between the student's and the pretrained backbone's GeM descriptors, plus the same
-    over the local stage's descriptors at every position: what the served descriptors are made of stays
-    close to ImageNet's on the training images while the heads learn the new domain."""
-    local_s, global_s = maps
-    with torch.no_grad():
-        local_t, global_t = teacher(x)
-    g = 1 - F.cosine_similarity(gem(global_s.float(), mcfg.gem_p), gem(global_t.float(), mcfg.gem_p), dim=-1)
-    loc = 1 - F.cosine_similarity(local_s.float(), local_t.float(), dim=1)
-    return g.mean() + loc.mean()
 
 
 @torch.no_grad()
@@ -236,11 +223,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
-                    losses = model.losses(x, y)
-                    if teacher is not None:
-                        losses["distill"] = tcfg.distill * _distill_loss(losses.pop("maps"), teacher, x, model.cfg)
-                        losses["loss"] = losses["loss"] + losses["distill"]
-                losses.pop("maps", None)
+                    losses = model.losses(x, y, teacher, tcfg.distill)
                 if anchors:
                     drift = sum(((p.float() - a) ** 2).sum() for p, a in zip(backbone, anchors))
                     losses["l2sp"] = 0.5 * tcfg.l2sp * drift
