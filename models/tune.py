@@ -101,6 +101,16 @@ def _restore(path: str, trainable, log_fn: Callable[[str], None]):
     return None
 
 
+FINISHED = "ilr-finished.json"  # in a search's folder once it has finished: what a re-run needs, without Ray
+
+
+def _finished(path: Path) -> dict | None:
+    try:
+        return json.loads((path / FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class TuneResult:
     best_config: dict
@@ -136,13 +146,21 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
     # quietly and let the caller carry on with a half-finished search. The experiment state and the
     # trials' checkpoints written so far are what the next run resumes from.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    cluster.ensure_ray()
-    gpus = cfg.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    path = str(storage / name)
     state_file = storage / f"{name}.parent_run"  # beside the experiment: survives a fresh start of it
     if not resume:  # --fresh: forget the old search, its trials' checkpoints and its parent run
         shutil.rmtree(storage / name, ignore_errors=True)
         shutil.rmtree(_trial_root(key), ignore_errors=True)
         state_file.unlink(missing_ok=True)
+    elif done := _finished(Path(path)):
+        # this very search (same data, settings and space) ran to the end before: its result, without
+        # starting Ray (a re-run of the demo, a retrain that fires again on the same dataset version)
+        log_fn(f"the search in {path} finished before: {done['finished']} trial(s) finished, {done['stopped']} "
+               f"stopped early by ASHA; best val_map {done['metrics']['val_map']:.4f} with {done['config']}")
+        return _register(done["config"], done["metrics"], version, done["parent_run_id"], done["trials"],
+                         done["stopped"], path, register, log_fn)
+    cluster.ensure_ray()
+    gpus = cfg.gpus_per_trial if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     parent_run_id = state_file.read_text().strip() if state_file.exists() else None
     with mlflow.start_run(run_id=parent_run_id, experiment_id=None if parent_run_id else exp_id,
                           run_name=None if parent_run_id else f"tune {ref}") as parent:
@@ -157,7 +175,6 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
                 "cpus_per_trial": cfg.cpus_per_trial, "key": key, "env": worker_env()}
         trainable = tune.with_resources(tune.with_parameters(_trainable, base=base),
                                         {"cpu": cfg.cpus_per_trial, "gpu": gpus})
-        path = str(storage / name)
         reports = max(1, tcfg.steps // tcfg.val_every) + 1  # validations + the final report
         tuner = _restore(path, trainable, log_fn) if resume else None
         if tuner is None:
@@ -185,11 +202,22 @@ def tune_delg(dataset: str, cfg: TuneConfig | None = None, mcfg: ModelConfig | N
                             "trials_finished": len(finished)})
         log_fn(f"{len(finished)} trial(s) finished, {stopped} stopped early by ASHA; best val_map "
                f"{best.metrics['val_map']:.4f} with {best_cfg}")
+    metrics = json.loads(json.dumps(dict(best.metrics), default=str))
+    if not errors:  # every trial ran to its end or was stopped by ASHA: nothing left to resume
+        (Path(path) / FINISHED).write_text(json.dumps(
+            {"config": best_cfg, "metrics": metrics, "parent_run_id": parent_run_id, "trials": len(grid),
+             "finished": len(finished), "stopped": stopped}, default=str))
+    return _register(best_cfg, metrics, version, parent_run_id, len(grid), stopped, path, register, log_fn)
+
+
+def _register(best_cfg: dict, metrics: dict, version, parent_run_id: str, trials: int, stopped: int, path: str,
+              register: bool, log_fn: Callable[[str], None]) -> TuneResult:
+    """The best trial's model (already in MLflow) registered as `challenger`, unless register is False."""
     model_version = None
     if register:
         registry.ensure_champion(log_fn)  # the off-the-shelf model until a challenger passes the gate
         model_version = registry.register_trained(
-            best.metrics["model_uri"], version, best.metrics["run_id"], "tuned", tune_run_id=parent_run_id,
-            val_map=f"{best.metrics['val_map']:.4f}", params=json.dumps(best_cfg))
+            metrics["model_uri"], version, metrics["run_id"], "tuned", tune_run_id=parent_run_id,
+            val_map=f"{metrics['val_map']:.4f}", params=json.dumps(best_cfg))
         log_fn(f"registered {registry.model_name()} v{model_version} as challenger")
-    return TuneResult(best_cfg, dict(best.metrics), model_version, parent_run_id, len(grid), stopped, path)
+    return TuneResult(best_cfg, metrics, model_version, parent_run_id, trials, stopped, path)

@@ -153,6 +153,14 @@ def test_tune_asha_registers_challenger(tiny_workspace):
     # came from MLflow
     assert not _trial_root(Path(res.results_path).name.rsplit("-", 1)[1]).exists()
     assert registry.load(res.model_version)[0] is not None
+    # the same search again: its result from the finished search's folder, the same challenger
+    lines = []
+    again = tune_delg("tiny", TuneConfig(trials=2, steps=8, val_every=2, cpus_per_trial=0.5, max_concurrent=2,
+                                         space=TUNE_SPACE),
+                      ModelConfig(), TrainConfig(batch_size=8, workers=1), log_fn=lines.append)
+    assert any("finished before" in line for line in lines), lines
+    assert (again.model_version, again.trials, again.stopped_early, again.best_config) == \
+        (res.model_version, res.trials, res.stopped_early, res.best_config)
 
 
 class _InterruptOnce:
