@@ -121,14 +121,13 @@ def main() -> None:
     traceback."""
     try:
         app()
+        code = 0
     except SystemExit as e:
-        if _interrupted:
-            _hard_exit()
-        _quick_exit(e.code)
+        code = e.code
     finally:
         if _interrupted:
             _hard_exit()
-    _quick_exit(0)
+    _quick_exit(code)
 
 
 if __name__ == "__main__":
