@@ -67,7 +67,8 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     if second_version and len(before) >= 2:
         say(f"7. a second version of {name} is registered already: no new version, no retrain trigger")
     elif second_version:
-        v2 = lc.ingest_dataset("synthetic", size, name, seed=seed + 1)
+        # the retrain it triggers is as small as this demo's own search (--trials/--steps)
+        v2 = lc.ingest_dataset("synthetic", size, name, seed=seed + 1, trials=trials, steps=steps)
         trig = v2.get("trigger")
         if trig:
             say(f"7. new dataset version {v2['ref']}: retrain trigger fired -> {trig['how']}")

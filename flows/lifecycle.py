@@ -171,10 +171,12 @@ def _retrain_deployment_exists() -> bool:
         return False
 
 
-def fire_retrain(event: str, reason: str, dataset: str, mode: str = "background") -> dict:
+def fire_retrain(event: str, reason: str, dataset: str, mode: str = "background", trials: int | None = None,
+                 steps: int | None = None) -> dict:
     """Record and emit the trigger, then start retrain: nothing more when a served Prefect deployment picks
-    the event up; else in a detached `ilr retrain` process ("background", so the flow that saw the trigger
-    is not blocked for the whole retraining), as a subflow ("inline"), or not at all ("record")."""
+    the event up (it tunes with its own settings); else in a detached `ilr retrain` process ("background", so
+    the flow that saw the trigger is not blocked for the whole retraining), as a subflow ("inline"), or not
+    at all ("record"). trials/steps: the search's size (default: params.yaml tune)."""
     from prefect.events import emit_event
 
     from monitoring.store import record_event
@@ -188,16 +190,18 @@ def fire_retrain(event: str, reason: str, dataset: str, mode: str = "background"
     if _retrain_deployment_exists():
         return {"fired": event, "how": f"event picked up by deployment {RETRAIN_DEPLOYMENT}"}
     if mode == "inline":
-        return {"fired": event, "how": "subflow", "retrain": retrain(dataset, reason=reason)}
-    return {"fired": event, **spawn_retrain(dataset, reason)}
+        return {"fired": event, "how": "subflow",
+                "retrain": retrain(dataset, reason=reason, trials=trials, steps=steps)}
+    return {"fired": event, **spawn_retrain(dataset, reason, trials, steps)}
 
 
-def spawn_retrain(dataset: str, reason: str) -> dict:
+def spawn_retrain(dataset: str, reason: str, trials: int | None = None, steps: int | None = None) -> dict:
     import time
 
     from data.processes import spawn
 
-    proc, log = spawn(["ilr", "retrain", "--dataset", dataset, "--reason", reason, "--no-record"],
+    size = [arg for opt, n in (("--trials", trials), ("--steps", steps)) if n for arg in (opt, str(n))]
+    proc, log = spawn(["ilr", "retrain", "--dataset", dataset, "--reason", reason, "--no-record", *size],
                       f"retrain-{time.strftime('%Y%m%d-%H%M%S')}.log", {**os.environ, **worker_env()})
     return {"how": f"background process {proc.pid}", "pid": proc.pid, "log": str(log)}
 
@@ -228,13 +232,15 @@ def retrain_lock(wait: bool = True):
 
 @flow(name="ingest_dataset", log_prints=True)
 def ingest_dataset(fmt: str, source: str, name: str, seed: int | None = None, trigger: bool = True,
-                   trigger_mode: str = "background") -> dict:
-    """Read -> validate (GX) -> version (DVC); a new version fires the retrain trigger."""
+                   trigger_mode: str = "background", trials: int | None = None, steps: int | None = None) -> dict:
+    """Read -> validate (GX) -> version (DVC); a new version fires the retrain trigger (its search sized by
+    trials/steps, default: params.yaml tune)."""
     v = ingest_task(fmt, source, name, seed)
     _artifact("ingest", [f"dataset {v['ref']} (dvc {v['dvc_md5']}, git {v['git_rev'][:10]})",
                          f"unchanged: {v['unchanged']}", f"Data Docs: {v['docs']}"])
     if trigger and not v["unchanged"] and not v["ref"].endswith("@v1"):
-        v["trigger"] = fire_retrain("ilr.dataset.versioned", f"new dataset version {v['ref']}", v["ref"], trigger_mode)
+        v["trigger"] = fire_retrain("ilr.dataset.versioned", f"new dataset version {v['ref']}", v["ref"], trigger_mode,
+                                    trials, steps)
     return v
 
 
