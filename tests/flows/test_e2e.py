@@ -102,7 +102,8 @@ def test_readme_demo_in_a_fresh_clone_runs_and_reruns(clone):
     print(f"demo in a fresh clone: {first_s:.0f}s, re-run {time.monotonic() - t0:.0f}s")
     assert "synthetic-tiny@v2 already versioned" in again and "demo finished" in again, again
     # the same search as the background retrain's (v2, the same options): its result, without Ray; whichever
-    # of the two took the workspace's retrain lock first ran it
+    # of the two took the workspace's retrain lock first ran it (so the retrain may still be going: wait)
+    _wait_retrain_idle(clone["home"])
     assert "finished before" in again + _retrain_logs(clone["home"]), again
     assert (clone["dir"] / ".ilr" / "mlflow.db").exists()
 
