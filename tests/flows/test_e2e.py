@@ -80,7 +80,8 @@ def clone(tmp_path_factory):
 def test_readme_demo_in_a_fresh_clone_runs_and_reruns(clone):
     """README command 1 exactly as a user types it (the demo's own options keep it small, also for the retrain
     that its second dataset version starts in the background); `ilr tune` in that clone; then README command
-    1 again: it waits for that retrain and reuses its search."""
+    1 again: it and that retrain take turns (one retrain at a time per workspace), the second reusing the
+    first one's search."""
     demo = ["./scripts/demo", "--size", "tiny", "--trials", "2", "--steps", "2", "--port", str(clone["port"])]
     t0 = time.monotonic()
     out = _run(demo, clone["dir"], clone["env"])
