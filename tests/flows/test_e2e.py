@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # what a new user's shell does not have: every ILR_* variable and the service switches
 NOT_SET = ("MLFLOW_TRACKING_URI", "MILVUS_URI", "RAY_ADDRESS", "PREFECT_API_URL", "PREFECT_HOME")
+# the demo's search size: also its background retrain's, and the trigger test's retrain reuses that search
+DEMO_SEARCH = {"trials": 2, "steps": 2}
 
 
 def _free_port() -> int:
@@ -82,7 +84,8 @@ def test_readme_demo_in_a_fresh_clone_runs_and_reruns(clone):
     that its second dataset version starts in the background); `ilr tune` in that clone; then README command
     1 again: it and that retrain take turns (one retrain at a time per workspace), the second reusing the
     first one's search."""
-    demo = ["./scripts/demo", "--size", "tiny", "--trials", "2", "--steps", "2", "--port", str(clone["port"])]
+    demo = ["./scripts/demo", "--size", "tiny", "--trials", str(DEMO_SEARCH["trials"]), "--steps",
+            str(DEMO_SEARCH["steps"]), "--port", str(clone["port"])]
     t0 = time.monotonic()
     out = _run(demo, clone["dir"], clone["env"])
     first_s = time.monotonic() - t0
@@ -145,7 +148,7 @@ def test_retrain_triggers_and_dashboard(clone):
     The dashboard is rendered by a real browser."""
     d, url, home = clone["dir"], clone["url"], clone["home"]
     p = yaml.safe_load((d / "params.yaml").read_text())
-    p["tune"].update(trials=2, steps=2)
+    p["tune"].update(DEMO_SEARCH)
     p["monitoring"].update(canary_queries=8)
     small = d / ".ilr" / "small-params.yaml"
     small.write_text(yaml.safe_dump(p))
