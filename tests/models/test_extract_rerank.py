@@ -62,10 +62,10 @@ def test_compact_storage_is_a_quarter_and_close(extractor):
     assert np.abs((back * f.descriptors).sum(1) - 1).max() < 5e-3
 
 
-def mutual_matches(q: np.ndarray, d: np.ndarray, max_distance: float) -> np.ndarray:
+def mutual_matches(q: np.ndarray, d: np.ndarray, max_distance: float, ratio: float = 1.0) -> np.ndarray:
     """The plain reference of models.rerank.mutual_matches_many, one pair of images: mutual nearest neighbours of
-    unit descriptors within an L2 distance. q: [N x d], d: [M x d] ->
-    [P x 2] index pairs (query, database)."""
+    unit descriptors within an L2 distance, and (ratio < 1) Lowe's test against the second nearest by a full
+    sort. q: [N x d], d: [M x d] -> [P x 2] index pairs (query, database)."""
     if len(q) == 0 or len(d) == 0:
         return np.zeros((0, 2), np.int64)
     sim = q @ d.T
@@ -75,6 +75,9 @@ def mutual_matches(q: np.ndarray, d: np.ndarray, max_distance: float) -> np.ndar
     mutual = nn21[nn12] == ids
     close = sim[ids, nn12] >= 1.0 - max_distance ** 2 / 2  # |a-b|^2 = 2 - 2 a.b for unit vectors
     keep = mutual & close
+    if ratio < 1.0 and d.shape[0] >= 2:
+        dist = np.sqrt(np.clip(2 - 2 * np.sort(sim, axis=1)[:, ::-1][:, :2], 0, None))  # nearest, second nearest
+        keep &= dist[:, 0] < ratio * dist[:, 1]
     return np.stack([ids[keep], nn12[keep]], axis=1)
 
 
@@ -190,6 +193,13 @@ def test_batched_matching_equals_pairwise():
     as_stored = mutual_matches_many(q, packed, 0.9)  # int8 as stored == unpacked floats
     for p, m in zip(packed, as_stored):
         assert np.array_equal(m, mutual_matches(q, unpack_local(np.zeros((len(p), 2)), p)[1], 0.9))
+    # Lowe's ratio test: the second nearest as a full sort finds it; a repeated feature (a tie for the
+    # nearest) is ambiguous and dropped, and its query feature matches nothing else
+    cands.append(np.concatenate([q[:1], q[:1], _scene(100, 6)[1]]))
+    with_ratio = mutual_matches_many(q, cands, 0.9, max_elements=200 * 300 * 3, ratio=0.8)
+    for c, m in zip(cands, with_ratio):
+        assert np.array_equal(np.asarray(m), mutual_matches(q, c, 0.9, ratio=0.8))
+    assert 0 < len(with_ratio[2]) <= len(many[2]) and 0 not in with_ratio[-1][:, 0]
 
 
 @pytest.mark.parametrize("batch", [1, 2])
