@@ -79,11 +79,8 @@ class Cluster:
         self.env.update(HOME=str(tmp / "user"), PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{os.environ['PATH']}",
                         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),  # the cluster's token
                         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",  # multi-node (Linux's default)
-                        # a killed node is seen dead in about 5 s (its port refuses at once); a live node whose
-                        # raylet lags on a loaded machine gets about 20 s (3 checks of 2 s once marked a busy node
-                        # dead while the e2e tests ran beside it, and the tune test waited in vain for a checkpoint)
-                        RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="3000",
-                        RAY_health_check_failure_threshold="5", RAY_USAGE_STATS_ENABLED="0")
+                        RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="2000",
+                        RAY_health_check_failure_threshold="3", RAY_USAGE_STATS_ENABLED="0")
         self.nodes: dict[str, subprocess.Popen] = {}
         self.watcher: subprocess.Popen | None = None
 
