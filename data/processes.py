@@ -14,6 +14,18 @@ from data.errors import IlrError
 
 T = TypeVar("T")
 
+# After Ctrl-C a command gets this long to stop in order before the CLI ends it (flows.cli); a command whose
+# orderly stop takes longer (the service shutting its Serve app down) asks for more with allow_stop_time().
+_STOP_GRACE_S = [10.0]
+
+
+def allow_stop_time(seconds: float) -> None:
+    _STOP_GRACE_S[0] = max(_STOP_GRACE_S[0], seconds)
+
+
+def stop_grace_s() -> float:
+    return _STOP_GRACE_S[0]
+
 
 def venv_exe(name: str) -> str:
     """The console script `name` of this interpreter's environment (the .venv), else the one on PATH."""

@@ -29,25 +29,31 @@ app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False,
 
 
 _interrupted = False
-_GRACE_S = 10.0
 
 
 def _on_interrupt(signum, frame) -> None:
     """Ctrl-C: stop the command (KeyboardInterrupt), and make sure it ends. The terminal's Ctrl-C also
     stops the temporary Prefect server and the local Ray this process started; a flow that then reports
-    its crash to the gone server would retry for minutes, so after a grace period the process exits."""
+    its crash to the gone server would retry for minutes, so after a grace period (10 s, or what the command
+    asked for: data.processes.allow_stop_time) the process exits."""
     global _interrupted
     if not _interrupted:
-        import threading
-        import time
+        from data.processes import stop_grace_s
 
-        def deadline() -> None:
-            time.sleep(_GRACE_S)
-            _hard_exit()
-
-        threading.Thread(target=deadline, daemon=True).start()
+        _exit_after(stop_grace_s())
     _interrupted = True
     raise KeyboardInterrupt
+
+
+def _exit_after(seconds: float) -> None:
+    import threading
+    import time
+
+    def deadline() -> None:
+        time.sleep(seconds)
+        _hard_exit()
+
+    threading.Thread(target=deadline, daemon=True).start()
 
 
 def _hard_exit() -> None:

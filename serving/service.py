@@ -9,11 +9,12 @@ import time
 
 from data.config import ilr_home, worker_env
 from data import processes
-from data.processes import wait_until
+from data.processes import allow_stop_time, wait_until
 from serving import milvus_server
 from serving.config import ServeConfig, serve_config
 
 STATE = "serve.json"
+SHUTDOWN_S = 30  # `ilr serve` stopping: how long Serve's shutdown may take before the process exits anyway
 
 
 def url_of(cfg: ServeConfig) -> str:
@@ -71,6 +72,7 @@ def run_forever(cfg: ServeConfig, extra_apps: tuple = (), log_fn=print) -> None:
     state = ilr_home() / STATE
     state.write_text(json.dumps({"pid": os.getpid(), "url": url}))
     log_fn(f"serving on {url} (OpenAPI docs {url}/docs); Ctrl-C or `ilr stop` to stop")
+    allow_stop_time(SHUTDOWN_S + 5)  # Ctrl-C: Serve's shutdown gets its time (on a cluster the app outlives us)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:
@@ -85,8 +87,11 @@ def run_forever(cfg: ServeConfig, extra_apps: tuple = (), log_fn=print) -> None:
 
         done = threading.Thread(target=serve.shutdown, daemon=True)
         done.start()
-        done.join(30)  # Serve's graceful shutdown can retry forever when an actor is already gone
+        done.join(SHUTDOWN_S)  # Serve's graceful shutdown can retry forever when an actor is already gone
         if done.is_alive():
+            log_fn(f"Serve did not finish shutting down within {SHUTDOWN_S} s (a replica's node may be gone); on a "
+                   "Ray cluster its apps may still run there: `serve shutdown -y -a <the cluster's dashboard URL>` "
+                   "removes them")
             os._exit(0)
 
 
@@ -119,7 +124,7 @@ def stop(milvus: bool = True) -> list[str]:
     st = running()
     if st:
         os.kill(st["pid"], signal.SIGTERM)  # graceful: Serve shuts its replicas down
-        for _ in range(40):
+        for _ in range(int((SHUTDOWN_S + 5) / 0.5)):  # its own shutdown first (run_forever)
             try:
                 os.kill(st["pid"], 0)
             except ProcessLookupError:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 ILR = str(Path(sys.executable).parent / "ilr")
 
@@ -24,3 +26,25 @@ def test_console_script_exit_status_and_output(tiny_workspace):
     assert bad.returncode == 2 and "error: dataset 'nope' has no versions" in bad.stderr, bad
     usage = _ilr("no-such-command")  # click's usage error
     assert usage.returncode == 2 and "No such command" in usage.stderr, usage
+
+
+def test_ctrl_c_gives_a_command_the_stop_time_it_asked_for(monkeypatch):
+    """Ctrl-C ends a command 10 s later at the latest, unless the command asked for longer to stop in order
+    (`ilr serve`: Serve's shutdown, which on a cluster otherwise outlives it); never shorter; once per process."""
+    import flows.cli as cli
+    from data import processes
+
+    deadlines = []
+    monkeypatch.setattr(cli, "_exit_after", deadlines.append)
+    monkeypatch.setattr(cli, "_interrupted", False)
+    monkeypatch.setattr(processes, "_STOP_GRACE_S", [10.0])
+    with pytest.raises(KeyboardInterrupt):
+        cli._on_interrupt(2, None)
+    monkeypatch.setattr(cli, "_interrupted", False)
+    processes.allow_stop_time(35.0)
+    processes.allow_stop_time(5.0)
+    with pytest.raises(KeyboardInterrupt):
+        cli._on_interrupt(2, None)
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: the same deadline
+        cli._on_interrupt(2, None)
+    assert deadlines == [10.0, 35.0]
