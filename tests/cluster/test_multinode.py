@@ -196,6 +196,17 @@ class Cluster:
         self.nodes[name].wait(timeout=30)
         self.wait_nodes()
 
+    def shutdown_serve(self) -> None:
+        """Remove whatever Serve apps are left on the cluster. Serve's shutdown can outlast the `ilr serve` that
+        started it when a replica's node died; a left-over app would take the worker nodes' CPUs (its replica
+        comes back on a restarted node) and the next test's trials would never be placed."""
+        code = "from models.cluster import ensure_ray; ensure_ray(); from ray import serve; serve.shutdown()"
+        try:
+            subprocess.run([str(VENV_BIN / "python"), "-c", code], cwd=ROOT, env=self.env, capture_output=True,
+                           timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.tmp.glob("node-*.log"))
 
@@ -355,6 +366,7 @@ def test_service_answers_while_a_node_with_a_replica_dies(cluster):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        cluster.shutdown_serve()
 
 
 def test_tune_completes_when_a_worker_node_dies(cluster):
