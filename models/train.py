@@ -194,6 +194,7 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, run_id = int(ck["step"]), ck.get("run_id") or None
+        metrics = {k: float(v) for k, v in ck.get("metrics", {}).items()}  # the last validation's
         torch.set_rng_state(ck["rng"])
         log_fn(f"resuming from step {step} ({ckpt_path})")
 
@@ -250,12 +251,16 @@ def train(dataset: str, mcfg: ModelConfig | None = None, tcfg: TrainConfig | Non
                     tmp = ckpt_path.with_suffix(".tmp")
                     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "step": step, "run_id": run_id,
-                                "rng": torch.get_rng_state()}, tmp)
+                                "rng": torch.get_rng_state(), "metrics": metrics}, tmp)
                     tmp.replace(ckpt_path)
                 if report and val_set is not None and (step % tcfg.val_every == 0 or step == tcfg.steps):
                     report({**metrics, "step": step, "checkpoint_dir": str(ckpt_dir)})
                 if step >= tcfg.steps:
                     break
+        if val_set is not None and not metrics:
+            # resumed from the last step's checkpoint (interrupted between it and the end, e.g. a search
+            # stopped before the trial's final report) written before checkpoints kept the validation
+            metrics = validate(model, val_set, train_eval, device)
         info = registry.log_model(model.cpu(), ckpt_dir / "model",
                                   {"dataset": version.ref, "dataset_dvc_md5": version.dvc_md5,
                                    "classes": len(classes)})

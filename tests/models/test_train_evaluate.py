@@ -43,6 +43,12 @@ def test_train_logs_to_mlflow_and_resumes(tiny_workspace, tmp_path):
     assert run.data.params["train.steps"] == "4" and "val_map" in run.data.metrics
     history = MlflowClient().get_metric_history(res.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4], "one run across the interruption"
+    # interrupted after its last checkpoint (a search stopped between a trial's end and its final report):
+    # run again, nothing is left to train and the result still carries the last validation (Tune needs it)
+    lines = []
+    again = train("tiny@v1", mcfg, tcfg, log_fn=lines.append)
+    assert any("resuming from step 4" in line for line in lines)
+    assert (again.steps, again.metrics, again.run_id) == (4, res.metrics, res.run_id) and again.model_uri
     from models.registry import model_dir
     assert {"weights.pt", "config.json"} <= {p.name for p in model_dir(res.model_uri).iterdir()}
 
