@@ -5,12 +5,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import time
 from pathlib import Path
 
 from data.config import pin_workspace
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication: "token" (our default) or "disabled"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray takes 127.0.0.1 as this node's address
+# How long a local start waits for its GCS to write its port. Ray's default is 30 s (120 s with a RocksDB GCS);
+# on a busy 2-core machine the GCS once needed more. A user's value is kept.
+GCS_WAIT_ENV, GCS_WAIT_S = "RAY_gcs_server_port_wait_time_s", "120"
+# what ray.init raises when a local start's GCS or raylet is not up in time: worth one more try
+_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 _log = logging.getLogger(__name__)
 
 
@@ -51,17 +57,45 @@ def _local_ray_init(**kwargs) -> None:
     import ray
     from ray._private import ray_constants
 
-    saved_env, saved_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    saved_env = {name: os.environ.get(name) for name in (LOOPBACK_ENV, GCS_WAIT_ENV)}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     os.environ[LOOPBACK_ENV] = "0"
+    os.environ[GCS_WAIT_ENV] = saved_env[GCS_WAIT_ENV] or GCS_WAIT_S
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = saved_env
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _abandon_failed_start(since: float) -> str:
+    """After a local start that failed half-way: ray.init has no node to shut down, so the GCS (and raylet)
+    it started would run on until this process exits. Kill this process's Ray children started since
+    `since`, and hand back the end of the GCS's log, which says why it was late or died."""
+    import psutil
+
+    tail = ""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.create_time() < since - 1:
+                continue
+            args = proc.cmdline()
+            if not any("/session_" in a for a in args):  # GCS, raylet and Ray's agents name their session
+                continue
+            if proc.name() == "gcs_server" and not tail:
+                log_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--log_dir=")), "")
+                logs = [Path(log_dir, name) for name in ("gcs_server.err", "gcs_server.out")]
+                texts = [f.read_text(errors="replace").strip() for f in logs if f.is_file()]
+                tail = "\n".join(next((t for t in texts if t), "(empty)").splitlines()[-5:])
+            proc.kill()
+        except (psutil.Error, OSError):
+            continue
+    return tail
 
 
 def _same_machine(address: str) -> dict:
@@ -91,6 +125,7 @@ def ensure_ray(dashboard: bool = False) -> None:
     common = {"log_to_driver": False, "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
               "configure_logging": False}
     for attempt in (1, 2):
+        started = time.time()
         try:
             if address:
                 ray.init(address=address, **_same_machine(address), **common)
@@ -99,7 +134,12 @@ def ensure_ray(dashboard: bool = False) -> None:
                 _private_token_file()
             return
         except Exception as e:
-            # a local Ray gives its raylet 30 s to register; on a busy 2-core machine that can pass: once more
-            if address or attempt == 2 or "timed out during startup" not in str(e):
+            # a local Ray gives its raylet 30 s to register and its GCS 120 s to start; on a busy 2-core
+            # machine either can pass (seen in CI): clear away what the failed start left, then once more
+            if address or not any(text in str(e) for text in _START_TIMEOUTS):
                 raise
             ray.shutdown()
+            gcs_log = _abandon_failed_start(started)
+            if attempt == 2:
+                raise RuntimeError(f"a local Ray did not start twice: {e}\nthe end of its GCS log:\n{gcs_log}") from e
+            _log.warning("a local Ray did not start (%s); trying once more. The end of its GCS log:\n%s", e, gcs_log)

@@ -165,3 +165,41 @@ def test_a_driver_joins_a_loopback_cluster_on_its_address():
     assert _same_machine("[::1]:6379") == {"_node_ip_address": "::1"}
     assert _same_machine("10.0.0.5:6379") == {} and _same_machine("auto") == {}
     assert _same_machine("ray://head:10001") == {}
+
+
+# A local start whose GCS misses its deadline (forced: 0 s to write its port on the first try), as on a busy
+# CI machine: ensure_ray clears away what that start left and starts again; the user's settings are untouched.
+LATE_GCS = r"""
+import json, os, psutil
+from models import cluster
+real, calls = cluster._local_ray_init, []
+def first_too_late(**kw):
+    calls.append(os.environ.get(cluster.GCS_WAIT_ENV))
+    if len(calls) == 1:
+        os.environ[cluster.GCS_WAIT_ENV] = "0"
+    try:
+        return real(**kw)
+    finally:
+        os.environ.pop(cluster.GCS_WAIT_ENV, None)
+cluster._local_ray_init = first_too_late
+cluster.ensure_ray()
+import ray
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+sessions = {a.split("/session_")[1].split("/")[0] for p in psutil.Process().children(recursive=True)
+            for a in p.cmdline() if "/session_" in a}
+print(json.dumps({"tries": len(calls), "sessions": sorted(sessions),
+                  "wait_env": os.environ.get(cluster.GCS_WAIT_ENV)}), flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_local_start_whose_gcs_is_late_is_cleared_away_and_tried_again(tmp_path):
+    run = subprocess.run([sys.executable, "-c", LATE_GCS], cwd=ROOT, env=_child_env(tmp_path), capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert facts["tries"] == 2 and facts["wait_env"] is None
+    late = run.stderr.split("Timed out waiting for file ", 1)[1].split("/session_", 1)[1].split("/", 1)[0]
+    told = run.stderr.split("a local Ray did not start", 1)[1].split("The end of its GCS log:", 1)[1]
+    assert "(gcs_server)" in told or "(empty)" in told  # the end of the late GCS's log, in the warning
+    assert facts["sessions"] and late not in facts["sessions"]  # only the second start's processes are left
