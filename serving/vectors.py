@@ -97,8 +97,26 @@ class VectorIndex:
             raise IlrError(f"Milvus did not finish indexing {self.name} within {timeout_s:.0f} s",
                            hint="the collection stays usable; run the build again to resume")
         self.client.release_collection(self.name)
-        self.client.load_collection(self.name)
+        self._load()
         self._loaded = True
+
+    def _load(self, tries: int = 5) -> None:
+        """load_collection. Milvus Lite (3.2) writes a segment's index file from a background thread after a
+        flush while the collection is loaded, and load() reads a file that exists as it is: a load that
+        meets the file half-written fails ("read error in .../indexes/...idx"). The file is whole a moment
+        later, so such a failure is tried again, a few times."""
+        from pymilvus.exceptions import MilvusException
+
+        for attempt in range(1, tries + 1):
+            try:
+                self.client.load_collection(self.name)
+                return
+            except MilvusException as e:
+                if attempt == tries or "read error in" not in str(e) or "/indexes/" not in str(e):
+                    raise
+                logging.getLogger(__name__).warning("loading %s met an index file being written; trying again "
+                                                    "(%d/%d)", self.name, attempt, tries - 1)
+                time.sleep(0.5 * attempt)
 
     def existing(self, ids: Sequence[str]) -> set[str]:
         ids, found = list(ids), set()
@@ -120,7 +138,7 @@ class VectorIndex:
     def search(self, vectors: np.ndarray, k: int, ef: int = 128) -> list[list[dict]]:
         """Top-k per query: [{image_id, score, label, domain}], best first."""
         if not self._loaded:
-            self.client.load_collection(self.name)
+            self._load()
             self._loaded = True
         res = self.client.search(self.name, data=[v.tolist() for v in np.atleast_2d(vectors)], limit=k,
                                  output_fields=["label", "domain"],

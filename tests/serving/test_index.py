@@ -39,3 +39,29 @@ def test_build_search_resume_and_alias(tiny_workspace):
     assert not bad.alias_moved
 
 
+
+
+def test_seal_waits_out_an_index_file_being_written(tmp_path):
+    """Milvus Lite writes a segment's index file from a background thread while the collection is loaded; a
+    load that meets it half-written failed in the suite ("read error in .../indexes/...idx"). Here the file is
+    really half-written on disk, and is whole again a moment later, as the background thread leaves it."""
+    import threading
+
+    from serving.vectors import milvus_client
+
+    (tmp_path / "db").mkdir()
+    index = VectorIndex(milvus_client(str(tmp_path / "db" / "milvus.db")), "half_written")
+    index.create(8, IndexConfig())
+    vecs = np.random.default_rng(0).normal(size=(40, 8)).astype("float32")
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index.insert([{"image_id": f"i{i}", "label": f"l{i}", "domain": "d", "vector": v.tolist()}
+                  for i, v in enumerate(vecs)])
+    index.seal()
+    [idx_file] = (tmp_path / "db").rglob("*.idx")
+    whole = idx_file.read_bytes()
+    idx_file.write_bytes(whole[: len(whole) // 3])
+    writer = threading.Timer(0.3, idx_file.write_bytes, args=(whole,))
+    writer.start()
+    index.seal()
+    writer.join()
+    assert [h["image_id"] for h in index.search(vecs[7], k=1)[0]] == ["i7"]
