@@ -83,7 +83,8 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     console.print(f"dashboard      {url}/dashboard/")
     console.print(f"API docs       {url}/docs     (service stays up; stop with: .venv/bin/ilr stop)")
     console.print(f"example        curl -F image=@{folder / queries.iloc[0]['path']} -F top_k=5 {url}/v1/search")
-    console.print(f"MLflow UI      .venv/bin/mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'} --host 127.0.0.1 --port 5000")
+    console.print("MLflow UI      MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui "  # no GenAI job runner
+                  f"--backend-store-uri sqlite:///{home / 'mlflow.db'} --host 127.0.0.1 --port 5000")
     console.print(f"Prefect UI     .venv/bin/ilr flows serve   (then http://127.0.0.1:4200; the password is the line "
                   f"in {home / 'prefect-auth'})")
     console.print("Ray dashboard  http://127.0.0.1:8265")

@@ -66,9 +66,11 @@ class Servers:
     def mlflow(self) -> Callable[[], str]:
         """Starts the MLflow server; the returned call waits until it answers and gives its URI."""
         port = free_port()
+        # as the README advises: without MLflow 3's GenAI job runner (7 Huey consumers), which ilr never uses
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         p = self.start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                         "--backend-store-uri", f"sqlite:///{self.work / 'mlflow-server.db'}",
-                        "--artifacts-destination", str(self.work / "mlflow-artifacts")], "mlflow-server")
+                        "--artifacts-destination", str(self.work / "mlflow-artifacts")], "mlflow-server", env)
 
         def ready() -> str:
             wait_http(f"http://127.0.0.1:{port}/health", p, self.work / "mlflow-server.log")
