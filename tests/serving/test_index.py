@@ -39,8 +39,6 @@ def test_build_search_resume_and_alias(tiny_workspace):
     assert not bad.alias_moved
 
 
-
-
 def test_seal_waits_out_an_index_file_being_written(tmp_path):
     """Milvus Lite writes a segment's index file from a background thread while the collection is loaded; a
     load that meets it half-written failed in the suite ("read error in .../indexes/...idx"). Here the file is

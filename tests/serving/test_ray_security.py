@@ -174,13 +174,14 @@ import json, os, psutil
 from models import cluster
 real, calls = cluster._local_ray_init, []
 def first_too_late(**kw):
-    calls.append(os.environ.get(cluster.GCS_WAIT_ENV))
-    if len(calls) == 1:
-        os.environ[cluster.GCS_WAIT_ENV] = "0"
+    calls.append(1)
+    if len(calls) > 1:
+        return real(**kw)
+    os.environ[cluster.GCS_WAIT_ENV] = "0"
     try:
         return real(**kw)
     finally:
-        os.environ.pop(cluster.GCS_WAIT_ENV, None)
+        del os.environ[cluster.GCS_WAIT_ENV]
 cluster._local_ray_init = first_too_late
 cluster.ensure_ray()
 import ray
