@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray takes 127.0.0.1 a
 GCS_WAIT_ENV, GCS_WAIT_S = "RAY_gcs_server_port_wait_time_s", "120"
 # what ray.init raises when a local start's GCS or raylet is not up in time: worth one more try
 _START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+# the GCS log's records ("[2026-12-01 17:30:23,661 I 8025 8025] (gcs_server) ..."), less its periodic state dump
+_GCS_RECORD, _GCS_DUMP = re.compile(r"\[\d{4}-\d\d-\d\d "), re.compile(r"Event stats:|Debug state:")
 _log = logging.getLogger(__name__)
 
 
@@ -90,8 +93,9 @@ def _abandon_failed_start(since: float) -> str:
             if proc.name() == "gcs_server" and not tail:
                 log_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--log_dir=")), "")
                 logs = [Path(log_dir, name) for name in ("gcs_server.err", "gcs_server.out")]
-                texts = [f.read_text(errors="replace").strip() for f in logs if f.is_file()]
-                tail = "\n".join(next((t for t in texts if t), "(empty)").splitlines()[-5:])
+                lines = [ln for f in logs if f.is_file() for ln in f.read_text(errors="replace").splitlines()]
+                records = [ln for ln in lines if _GCS_RECORD.match(ln) and not _GCS_DUMP.search(ln)]
+                tail = "\n".join(records[-5:] or lines[-5:]) or "(empty)"
             proc.kill()
         except (psutil.Error, OSError):
             continue
