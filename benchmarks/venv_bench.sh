@@ -4,7 +4,7 @@
 # (byte-compiled files missing would show here):
 #   benchmarks/venv_bench.sh OLD_REV [NEW_REV]
 # Each revision is cloned into a temporary folder and builds its own .venv there (pip's download cache is
-# shared, so run one round first if it is cold). Prints one line per install. The install writes about 6 GB
+# shared, so run one round first if it is cold). Prints one line per install. The install writes about 7 GB
 # (torch's CUDA build) and varies with the disk by tens of seconds; COMPILE=1 also times the CPU-bound part
 # alone in the last .venv: byte-compiling site-packages on one core (as pip does) and on every core.
 set -uo pipefail
