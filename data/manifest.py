@@ -44,11 +44,11 @@ _SCHEMA = pa.schema([
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
-def check_image_id(image_id, where: str) -> str:
-    """Return the id if it is safe as a file name and in URLs; raise DataFormatError naming `where`."""
+def check_image_id(image_id, where: str | None, what: str = "image id") -> str:
+    """Return the id if it is safe as a file name and in URLs; raise DataFormatError naming `what` and `where`."""
     if not isinstance(image_id, str) or not _SAFE_ID.fullmatch(image_id) or ".." in image_id:
         raise DataFormatError(
-            f"unsafe image id {image_id!r}: ids must match [A-Za-z0-9][A-Za-z0-9._-]* "
+            f"unsafe {what} {image_id!r}: it must match [A-Za-z0-9][A-Za-z0-9._-]* "
             "(no slashes, no '..', at most 200 characters)", where=where)
     return image_id
 

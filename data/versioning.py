@@ -103,7 +103,7 @@ def store_dir(repo: Path, cfg: DataConfig) -> Path:
 
 
 def check_name(name: str) -> str:
-    manifest.check_image_id(name, "dataset name")
+    manifest.check_image_id(name, None, what="dataset name")
     return name
 
 

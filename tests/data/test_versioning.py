@@ -197,3 +197,16 @@ def test_path_tricks_in_a_generated_manifest_write_nothing(workspace, tiny_synth
     with pytest.raises(DataFormatError, match="unsafe image id"):
         ingest("synthetic", str(bad), "syn", log=lambda *_: None)
     assert not list((tmp_path / "home").rglob("escaped*")) and not list(tmp_path.rglob("escaped*"))
+
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", ".hidden", ""])
+def test_path_tricks_in_a_dataset_name_write_nothing(workspace, tiny_synthetic, tmp_path, name):
+    """The error says that the dataset name is unsafe (not an image id); nothing is staged, stored or committed."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True).stdout
+    with pytest.raises(DataFormatError, match=r"^unsafe dataset name ") as e:
+        ingest("synthetic", str(tiny_synthetic), name, log=lambda *_: None)
+    assert "image id" not in str(e.value)
+    staging = tmp_path / "home" / "staging"
+    assert not list(tmp_path.rglob("escaped*")) and not (staging.exists() and any(staging.iterdir()))
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True).stdout == head
