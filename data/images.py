@@ -123,14 +123,25 @@ def file_thumbnail(path: Path | str, side: int = 256, max_pixels: int = 40_000_0
     return thumbnail_jpeg(arr, side)
 
 
-def load_rgb(path: Path | str, max_pixels: int = 40_000_000, min_side_px: int = 1) -> np.ndarray:
-    """Read a file into an RGB uint8 array [H x W x 3]."""
+def read_file(path: Path | str) -> bytes:
+    """The bytes of an image file; ImageError naming the path when it cannot be read (missing, a folder, no
+    permission, ...)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ImageError("file not found", str(path)) from None
-    return np.asarray(decode(data, str(path), max_pixels=max_pixels, min_side_px=min_side_px))
+    except IsADirectoryError:
+        raise ImageError("this is a folder, not an image file", str(path)) from None
+    except PermissionError:
+        raise ImageError("cannot read the file: permission denied", str(path)) from None
+    except OSError as e:
+        raise ImageError(f"cannot read the file: {e.strerror or e}", str(path)) from None
+
+
+def load_rgb(path: Path | str, max_pixels: int = 40_000_000, min_side_px: int = 1) -> np.ndarray:
+    """Read a file into an RGB uint8 array [H x W x 3]."""
+    return np.asarray(decode(read_file(path), str(path), max_pixels=max_pixels, min_side_px=min_side_px))
 
 
 def phash(img: Image.Image) -> int:

@@ -60,11 +60,9 @@ class Client:
     @staticmethod
     def _image(image) -> tuple[str, bytes]:
         if isinstance(image, (str, Path)):
-            path = Path(image)
-            try:
-                return path.name, path.read_bytes()
-            except FileNotFoundError:
-                raise IlrError("file not found", where=str(path)) from None
+            from data.images import read_file
+
+            return Path(image).name, read_file(image)
         return "image", bytes(image)
 
     def search(self, image, top_k: int = 10, rerank: bool = True, return_matches: bool = False) -> dict:

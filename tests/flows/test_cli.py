@@ -28,6 +28,20 @@ def test_console_script_exit_status_and_output(tiny_workspace):
     assert usage.returncode == 2 and "No such command" in usage.stderr, usage
 
 
+def test_query_names_an_image_path_it_cannot_read(tmp_path):
+    """`ilr query` with a folder or a missing file says what is wrong with that path (before, a folder was
+    reported as "cannot reach the service"), exit status 2; nothing is sent (no service is needed)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: had the file been read, the error would say so
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for path, says in ((tmp_path, "this is a folder, not an image file"), (tmp_path / "gone.jpg", "file not found")):
+        r = _ilr("query", str(path), "--url", url)
+        assert r.returncode == 2 and f"error: {path}: {says}" in r.stderr.replace("\n", ""), r
+        assert "cannot reach the service" not in r.stderr, r
+
+
 def test_ctrl_c_gives_a_command_the_stop_time_it_asked_for(monkeypatch):
     """Ctrl-C ends a command 10 s later at the latest, unless the command asked for longer to stop in order
     (`ilr serve`: Serve's shutdown, which on a cluster otherwise outlives it); never shorter; once per process."""
