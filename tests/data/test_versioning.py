@@ -130,7 +130,8 @@ def test_bad_images_are_refused_and_nothing_is_written(tmp_path, monkeypatch, ph
     assert not list((home / "staging").iterdir())
 
 
-@pytest.mark.parametrize("case", ["missing columns", "duplicate ids", "nan labels", "path trick", "empty folder"])
+@pytest.mark.parametrize("case", ["missing columns", "duplicate ids", "nan labels", "path trick", "empty folder",
+                                  "a file, not a folder"])
 def test_bad_sources_are_refused(workspace, tmp_path, case):
     home = tmp_path / "home"
     before = _state(workspace, home)
@@ -138,6 +139,9 @@ def test_bad_sources_are_refused(workspace, tmp_path, case):
     (root / "train").mkdir(parents=True)
     if case == "empty folder":
         fmt = "folder"
+    elif case == "a file, not a folder":  # said "folder not found"
+        fmt, root = "folder", root / "list.txt"
+        root.write_text("a/1.jpg\n")
     else:
         fmt = "sop"
         rows = {"missing columns": "image_id path\n1 a/1.jpg\n",
@@ -149,6 +153,8 @@ def test_bad_sources_are_refused(workspace, tmp_path, case):
     with pytest.raises(DataFormatError) as e:
         ingest(fmt, str(root), "bad", log=lambda *_: None)
     assert str(root) in e.value.message
+    if case == "a file, not a folder":
+        assert e.value.what == "not a folder"
     assert _state(workspace, home) == before
 
 

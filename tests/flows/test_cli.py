@@ -26,6 +26,11 @@ def test_console_script_exit_status_and_output(tiny_workspace):
     assert bad.returncode == 2 and "error: dataset 'nope' has no versions" in bad.stderr, bad
     usage = _ilr("no-such-command")  # click's usage error
     assert usage.returncode == 2 and "No such command" in usage.stderr, usage
+    # an option out of range: refused before any work (before, -1 steps trained nothing and registered the model)
+    for args, says in ((("train", "--dataset", "tiny", "--steps", "-1"), "train.steps must be at least 1, got -1"),
+                       (("tune", "--dataset", "tiny", "--trials", "0"), "tune.trials must be at least 1, got 0")):
+        r = _ilr(*args)
+        assert r.returncode == 2 and f"error: {says}" in r.stderr and "--" in r.stderr, r
 
 
 def test_query_names_an_image_path_it_cannot_read(tmp_path):

@@ -88,6 +88,22 @@ def test_values_are_checked_against_their_types(tmp_path, monkeypatch):
         assert says in str(e.value) and "params.yaml" in str(e.value)
 
 
+def test_values_out_of_range_are_refused_with_their_name(tmp_path, monkeypatch):
+    """`train.steps: -1` trained nothing and registered the untrained model; `tune.trials: 0` ended in "no trial
+    finished". Both, and the like, are refused at load with the setting's name."""
+    from flows.config import check_params
+
+    for section, bad, says in (("train", {"steps": -1}, "train.steps must be at least 1, got -1"),
+                               ("train", {"lr": 0.0}, "train.lr must be above 0, got 0.0"),
+                               ("tune", {"trials": 0}, "tune.trials must be at least 1, got 0"),
+                               ("tune", {"cpus_per_trial": 0}, "tune.cpus_per_trial must be above 0, got 0.0"),
+                               ("tune", {"reduction_factor": 1}, "tune.reduction_factor must be at least 2, got 1")):
+        _params(tmp_path, monkeypatch, **{section: bad})
+        with pytest.raises(IlrError) as e:
+            check_params()
+        assert says in str(e.value) and "params.yaml" in str(e.value)
+
+
 def test_workspace_is_resolved_once_and_absolute(tmp_path, monkeypatch):
     """A worker runs in a folder of its own (Ray Tune: the trial's working dir): it must get the driver's
     absolute repo, home, params file and stores, and never resolve them from its own cwd."""
