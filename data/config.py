@@ -125,6 +125,21 @@ def params(section: str) -> dict:
     return dict(value)
 
 
+def check_ranges(section: str, obj, at_least: dict | None = None, positive: tuple = (),
+                 at_most: dict | None = None) -> None:
+    """IlrError for a setting of a typed section out of range (from params.yaml, or a command's option of the
+    same name), called by the settings' __post_init__: a negative step count would otherwise train nothing
+    and register the untrained model, a port above 65535 fail deep inside the server's start."""
+    bad = [(n, f"at least {low}") for n, low in (at_least or {}).items() if getattr(obj, n) < low]
+    bad += [(n, f"at most {high}") for n, high in (at_most or {}).items() if getattr(obj, n) > high]
+    bad += [(n, "above 0") for n in positive if not getattr(obj, n) > 0]
+    if bad:
+        name, rule = bad[0]
+        raise IlrError(f"{section}.{name} must be {rule}, got {getattr(obj, name)!r}",
+                       hint=f"`{section}.{name}` in params.yaml, or the command's --{name.replace('_', '-')} option "
+                            "where it has one")
+
+
 def from_params(cls, section: str, **overrides):
     """The typed settings of one params.yaml section: dataclass defaults <- the file <- non-None overrides.
     Every setting of every layer is read through here. An unknown key is an error, not a silent no-op."""
@@ -197,6 +212,18 @@ class SyntheticConfig:
     """`dvc repro`'s generate stage (params.yaml `synthetic`)."""
     size: str = "small"
     seed: int = 0
+
+    def __post_init__(self):
+        check_size("synthetic", self.size)
+
+
+SYNTHETIC_SIZES = ("tiny", "small", "medium")   # the embedded generator's sizes (data.synthetic.SIZES)
+
+
+def check_size(section: str, size: str) -> None:
+    if size not in SYNTHETIC_SIZES:
+        raise IlrError(f"{section}.size must be one of {', '.join(SYNTHETIC_SIZES)}, got {size!r}",
+                       hint=f"`{section}.size` in params.yaml, or the command's --size option where it has one")
 
 
 def data_config(**kw) -> DataConfig:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.config import DataConfig, SyntheticConfig, from_params, params_doc, params_path
+from data.config import DataConfig, SyntheticConfig, check_ranges, check_size, from_params, params_doc, params_path
 from data.errors import IlrError
 
 
@@ -13,6 +13,10 @@ class DemoConfig:
     seed: int = 0
     trials: int = 2                     # Ray Tune trials
     steps: int = 10                     # training steps per trial
+
+    def __post_init__(self):
+        check_size("demo", self.size)
+        check_ranges("demo", self, {"trials": 1, "steps": 1})
 
 
 @dataclass

@@ -4,20 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from data.config import from_params
-from data.errors import IlrError
-
-
-def _check_ranges(section: str, obj, at_least: dict | None = None, positive: tuple = ()) -> None:
-    """IlrError for a setting out of range (from params.yaml or a command's option of the same name): a
-    negative step count would otherwise train nothing and register the untrained model."""
-    bad = [(n, f"at least {low}") for n, low in (at_least or {}).items() if getattr(obj, n) < low]
-    bad += [(n, "above 0") for n in positive if not getattr(obj, n) > 0]
-    if bad:
-        name, rule = bad[0]
-        raise IlrError(f"{section}.{name} must be {rule}, got {getattr(obj, name)!r}",
-                       hint=f"`{section}.{name}` in params.yaml, or the command's --{name.replace('_', '-')} option "
-                            "where it has one")
+from data.config import check_ranges, from_params
 
 
 @dataclass
@@ -88,7 +75,7 @@ class TrainConfig:
     experiment: str = "ilr-delg"
 
     def __post_init__(self):
-        _check_ranges("train", self, {"steps": 1, "batch_size": 1, "val_every": 1, "checkpoint_every": 1,
+        check_ranges("train", self, {"steps": 1, "batch_size": 1, "val_every": 1, "checkpoint_every": 1,
                                       "workers": 0, "freeze_blocks": 0}, positive=("lr",))
 
 
@@ -182,7 +169,7 @@ class TuneConfig:
     })
 
     def __post_init__(self):
-        _check_ranges("tune", self, {"trials": 1, "steps": 0, "val_every": 0, "gpus_per_trial": 0,
+        check_ranges("tune", self, {"trials": 1, "steps": 0, "val_every": 0, "gpus_per_trial": 0,
                                      "max_concurrent": 0, "grace_period": 1, "reduction_factor": 2,
                                      "max_failures": 0}, positive=("cpus_per_trial",))
 

@@ -5,7 +5,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
-from data.config import from_params, ilr_home
+from data.config import check_ranges, from_params, ilr_home
 
 
 @dataclass
@@ -43,6 +43,12 @@ class ServeConfig:
     # {"Reranker": {"num_replicas": 2, "max_replicas_per_node": 1}, "Extractor": {"resources": {"gpu_box": 1}}}
     # (keys: num_replicas, max_replicas_per_node, num_cpus, num_gpus, resources = custom Ray resources)
     deployments: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_ranges("serve", self, {"port": 1, "max_top_k": 1, "default_top_k": 1, "min_side_px": 1,
+                                     "cpu_extractions": 1, "cpu_extract_threads": 0, "max_decodes": 1},
+                     positive=("max_body_mb", "max_pixels", "num_cpus", "body_timeout_s", "request_timeout_s"),
+                     at_most={"port": 65535, "default_top_k": self.max_top_k})
 
 
 @dataclass

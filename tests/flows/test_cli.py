@@ -28,7 +28,10 @@ def test_console_script_exit_status_and_output(tiny_workspace):
     assert usage.returncode == 2 and "No such command" in usage.stderr, usage
     # an option out of range: refused before any work (before, -1 steps trained nothing and registered the model)
     for args, says in ((("train", "--dataset", "tiny", "--steps", "-1"), "train.steps must be at least 1, got -1"),
-                       (("tune", "--dataset", "tiny", "--trials", "0"), "tune.trials must be at least 1, got 0")):
+                       (("tune", "--dataset", "tiny", "--trials", "0"), "tune.trials must be at least 1, got 0"),
+                       (("serve", "--port", "99999"), "serve.port must be at most 65535, got 99999"),
+                       (("data", "generate", "--size", "huge", "--out", str(tiny_workspace / "g")),
+                        "synthetic.size must be one of tiny, small, medium, got 'huge'")):
         r = _ilr(*args)
         assert r.returncode == 2 and f"error: {says}" in r.stderr and "--" in r.stderr, r
 

@@ -90,14 +90,20 @@ def test_values_are_checked_against_their_types(tmp_path, monkeypatch):
 
 def test_values_out_of_range_are_refused_with_their_name(tmp_path, monkeypatch):
     """`train.steps: -1` trained nothing and registered the untrained model; `tune.trials: 0` ended in "no trial
-    finished". Both, and the like, are refused at load with the setting's name."""
+    finished"; `serve.port: 99999` in a traceback once Ray and Serve had started. These, and the like, are
+    refused at load with the setting's name."""
     from flows.config import check_params
 
     for section, bad, says in (("train", {"steps": -1}, "train.steps must be at least 1, got -1"),
                                ("train", {"lr": 0.0}, "train.lr must be above 0, got 0.0"),
                                ("tune", {"trials": 0}, "tune.trials must be at least 1, got 0"),
                                ("tune", {"cpus_per_trial": 0}, "tune.cpus_per_trial must be above 0, got 0.0"),
-                               ("tune", {"reduction_factor": 1}, "tune.reduction_factor must be at least 2, got 1")):
+                               ("tune", {"reduction_factor": 1}, "tune.reduction_factor must be at least 2, got 1"),
+                               ("serve", {"port": 99999}, "serve.port must be at most 65535, got 99999"),
+                               ("serve", {"default_top_k": 500}, "serve.default_top_k must be at most 100, got 500"),
+                               ("demo", {"size": "huge"}, "demo.size must be one of tiny, small, medium, got 'huge'"),
+                               ("demo", {"steps": 0}, "demo.steps must be at least 1, got 0"),
+                               ("synthetic", {"size": "big"}, "synthetic.size must be one of tiny, small, medium")):
         _params(tmp_path, monkeypatch, **{section: bad})
         with pytest.raises(IlrError) as e:
             check_params()
