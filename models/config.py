@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from data.config import check_ranges, from_params
+from data.errors import IlrError
 
 
 @dataclass
@@ -97,6 +98,13 @@ class ExtractConfig:
     optimize: bool = True                     # extract with a folded inference copy (models.extract.inference_copy)
     cpu_runtime: str = "onnx"                 # onnx | torch: what runs the backbone on CPU (optimize only)
 
+    def __post_init__(self):
+        check_ranges("extract", self, {"max_side_px": 1, "max_local_features": 0, "batch_size": 1,
+                                       "cpu_batch_size": 1, "bucket_px": 1, "cpu_threads": 0})
+        if not self.scales or any(not x > 0 for x in (*self.scales, *self.local_scales)):
+            raise IlrError(f"extract.scales must be one or more numbers above 0 (extract.local_scales too), got "
+                           f"{list(self.scales)} and {list(self.local_scales)}", hint="`extract.scales` in params.yaml")
+
     def local_count(self, device: str) -> int:
         return self.max_local_features or (1000 if device.startswith("cuda") else 500)
 
@@ -128,6 +136,11 @@ class RerankConfig:
     aqe_alpha: float = 3.0                    # aqe: weight of a result = max(cos, 0) ** alpha
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 2))
 
+    def __post_init__(self):
+        check_ranges("rerank", self, {"top_k": 1, "ransac_iters": 1, "min_inliers": 0, "inlier_cap": 1,
+                                      "inlier_floor": 0, "refine_k": 1, "workers": 1, "threshold_reference_px": 1},
+                     positive=("max_distance", "ransac_threshold_px"))
+
 
 @dataclass
 class GateConfig:
@@ -138,6 +151,10 @@ class GateConfig:
     max_regression: float = 0.01                # regress by more than this (served or global mAP)
     bootstrap: int = 1000                     # paired bootstrap resamples over the target's queries
     confidence: float = 0.95                  # of the bootstrap interval
+
+    def __post_init__(self):
+        check_ranges("gate", self, {"max_regression": 0, "bootstrap": 1}, positive=("confidence",),
+                     at_most={"confidence": 1})
 
 
 def gate_config(**kw) -> GateConfig:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.config import from_params, ilr_home
+from data.config import check_ranges, from_params, ilr_home
 
 
 @dataclass
@@ -20,6 +20,10 @@ class MonitorConfig:
     suites: bool = True             # each pass also scores the live model on the golden suites (gate.suites;
                                     # cached per model version and setting) and flags a suite that fell more
                                     # than gate.max_regression below the best the service had there
+
+    def __post_init__(self):
+        check_ranges("monitoring", self, {"canary_queries": 1, "k": 1, "recall_k": 1, "ann_sample": 1,
+                                          "worst_queries": 0})
 
 
 def monitor_config(**kw) -> MonitorConfig:

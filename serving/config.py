@@ -65,6 +65,10 @@ class IndexConfig:
     engine: str = "auto"              # ray | local | auto (Ray Data on a Ray cluster or with GPUs: choose_engine)
     actors: int = 0                   # Ray engine's extraction actors; 0 = one per GPU, else one per node with CPUs
 
+    def __post_init__(self):
+        check_ranges("index", self, {"hnsw_m": 2, "ef_construction": 1, "ef_search": 1, "recall_k": 1,
+                                     "recall_queries": 1, "chunk": 1, "actors": 0})
+
 
 def index_config(**kw) -> IndexConfig:
     return from_params(IndexConfig, "index", **kw)

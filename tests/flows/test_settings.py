@@ -103,7 +103,12 @@ def test_values_out_of_range_are_refused_with_their_name(tmp_path, monkeypatch):
                                ("serve", {"default_top_k": 500}, "serve.default_top_k must be at most 100, got 500"),
                                ("demo", {"size": "huge"}, "demo.size must be one of tiny, small, medium, got 'huge'"),
                                ("demo", {"steps": 0}, "demo.steps must be at least 1, got 0"),
-                               ("synthetic", {"size": "big"}, "synthetic.size must be one of tiny, small, medium")):
+                               ("synthetic", {"size": "big"}, "synthetic.size must be one of tiny, small, medium"),
+                               ("extract", {"scales": [1.0, 0.0]}, "extract.scales must be one or more numbers above 0"),
+                               ("rerank", {"top_k": 0}, "rerank.top_k must be at least 1, got 0"),
+                               ("index", {"chunk": 0}, "index.chunk must be at least 1, got 0"),
+                               ("monitoring", {"k": 0}, "monitoring.k must be at least 1, got 0"),
+                               ("gate", {"confidence": 95}, "gate.confidence must be at most 1, got 95.0")):
         _params(tmp_path, monkeypatch, **{section: bad})
         with pytest.raises(IlrError) as e:
             check_params()
