@@ -133,8 +133,6 @@ def read_file(path: Path | str) -> bytes:
         raise ImageError("file not found", str(path)) from None
     except IsADirectoryError:
         raise ImageError("this is a folder, not an image file", str(path)) from None
-    except PermissionError:
-        raise ImageError("cannot read the file: permission denied", str(path)) from None
     except OSError as e:
         raise ImageError(f"cannot read the file: {e.strerror or e}", str(path)) from None
 

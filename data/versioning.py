@@ -124,8 +124,8 @@ def read_source(fmt: str, source: str, cfg: DataConfig, staging: Path, **opts) -
         df["src"] = [str((folder / p).resolve()) for p in df["path"]]
         return Source(df, "labels", "synthetic")
     root = Path(source)
-    if not root.exists():
-        raise DataFormatError("source not found", where=str(root))
+    if not root.is_dir():  # every format's source is a folder
+        raise DataFormatError("not a folder" if root.exists() else "source not found", where=str(root))
     return get_reader(fmt)(root, val_fraction=cfg.val_fraction, **opts)
 
 

@@ -19,7 +19,7 @@ def read(root: Path, domain: str = "other", queries: Path | None = None, **_) ->
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataFormatError("not a folder" if root.exists() else "folder not found", where=str(root))
+        raise DataFormatError("folder not found", where=str(root))
     rows = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(label_dir.rglob("*")):

@@ -58,7 +58,7 @@ def _solution(path: Path, column: str) -> pd.DataFrame:
 def read(root: Path, val_fraction: float = 0.1, **_) -> Source:
     root = Path(root)
     if not root.is_dir():
-        raise DataFormatError("not a folder" if root.exists() else "folder not found", where=str(root))
+        raise DataFormatError("folder not found", where=str(root))
     train = _ids(read_csv(root / "train.csv", ["id", "landmark_id"]), root / "train.csv")
     check_labels(train, str(root / "train.csv"), "landmark_id")
     if (root / "train_clean.csv").exists():

@@ -40,3 +40,10 @@ def test_instances_sharing_a_style_differ():
     a, _ = synthetic.render_instance(0, "landmark", 0, group=0)
     b, _ = synthetic.render_instance(0, "landmark", 3, group=0)
     assert a.shape == b.shape and (a != b).mean() > 0.05
+
+
+def test_the_settings_know_the_generator_sizes():
+    """data.config checks `synthetic.size`/`demo.size` without importing the generator: the same names."""
+    from data.config import SYNTHETIC_SIZES
+
+    assert tuple(synthetic.SIZES) == SYNTHETIC_SIZES

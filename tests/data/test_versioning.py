@@ -205,7 +205,6 @@ def test_path_tricks_in_a_generated_manifest_write_nothing(workspace, tiny_synth
     assert not list((tmp_path / "home").rglob("escaped*")) and not list(tmp_path.rglob("escaped*"))
 
 
-
 @pytest.mark.parametrize("name", ["../escaped", "a/b", ".hidden", ""])
 def test_path_tricks_in_a_dataset_name_write_nothing(workspace, tiny_synthetic, tmp_path, name):
     """The error says that the dataset name is unsafe (not an image id); nothing is staged, stored or committed."""
