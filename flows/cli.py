@@ -28,20 +28,20 @@ app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False,
                   help="ilr: instance-level recognition platform")
 
 
-_interrupted = False
+_interrupted = 0   # the signal that interrupted the command (SIGINT, SIGTERM), else 0
 
 
 def _on_interrupt(signum, frame) -> None:
-    """Ctrl-C: stop the command (KeyboardInterrupt), and make sure it ends. The terminal's Ctrl-C also
-    stops the temporary Prefect server and the local Ray this process started; a flow that then reports
+    """Ctrl-C (or SIGTERM): stop the command (KeyboardInterrupt), and make sure it ends. The terminal's Ctrl-C
+    also stops the temporary Prefect server and the local Ray this process started; a flow that then reports
     its crash to the gone server would retry for minutes, so after a grace period (10 s, or what the command
-    asked for: data.processes.allow_stop_time) the process exits."""
+    asked for: data.processes.allow_stop_time) the process exits, with status 128 + the signal's number."""
     global _interrupted
     if not _interrupted:
         from data.processes import stop_grace_s
 
         _exit_after(stop_grace_s())
-    _interrupted = True
+    _interrupted = _interrupted or signum
     raise KeyboardInterrupt
 
 
@@ -57,10 +57,15 @@ def _exit_after(seconds: float) -> None:
 
 
 def _hard_exit() -> None:
+    from flows.prefect_server import stop_own_temporary_server
+
     err.print("interrupted: nothing finished is lost; run the same command again to go on from there")
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    try:
+        stop_own_temporary_server()  # this exit skips Prefect's own stop of it
+    finally:
+        os._exit(128 + int(_interrupted or 2))
 
 
 @app.callback()
@@ -123,8 +128,13 @@ def main() -> None:
     """The console entry. After Ctrl-C, exit at once (130): Ctrl-C also stops the temporary Prefect server
     and the local Ray that this process started, and waiting at exit for their clients to drain would hang.
     Everything the command finished is kept (tune checkpoints, versions, index rows): run it again to go on.
-    Otherwise the exit skips the interpreter's teardown (_quick_exit); a crash keeps Python's own exit and
-    traceback."""
+    SIGTERM (`kill PID`, a supervisor) stops a command the same way, exit status 143 (`ilr serve` has its
+    own). Otherwise the exit skips the interpreter's teardown (_quick_exit); a crash keeps Python's own exit
+    and traceback."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_interrupt)
     try:
         app()
         code = 0

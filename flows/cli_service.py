@@ -71,10 +71,15 @@ def serve_cmd(host: str = typer.Option(None, help="bind address (default 127.0.0
 
 @commands.command("stop")
 def stop_cmd(keep_milvus: bool = typer.Option(False, help="leave the Milvus Lite server running")):
-    """Stop a background `ilr serve` and the workspace's Milvus Lite server."""
+    """Stop a background `ilr serve` and the workspace's Milvus Lite server, and the temporary Prefect servers
+    that killed `ilr` commands of this workspace left behind."""
     from serving import service
 
+    from flows.prefect_server import stop_orphaned_temporary_servers
+
     stopped = service.stop(milvus=not keep_milvus)
+    if n := stop_orphaned_temporary_servers():
+        stopped.append(f"{n} temporary Prefect server(s) left by killed commands")
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 

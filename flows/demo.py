@@ -17,6 +17,10 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     stamp = lambda: f"[{time.perf_counter() - t0:6.1f}s]"  # noqa: E731
     say = lambda msg: console.print(f"{stamp()} {msg}")  # noqa: E731
     say(f"workspace {ilr_home()}")
+    from flows.prefect_server import stop_orphaned_temporary_servers
+
+    if n := stop_orphaned_temporary_servers():  # a run that was killed (SIGKILL, out of memory) left them
+        say(f"stopped {n} temporary Prefect server(s) that killed commands left running")
 
     from data.versioning import versions
 

@@ -1,5 +1,6 @@
 """The local Prefect server ilr starts (`ilr flows serve`) and the protection of every Prefect server it starts:
-a password (this workspace's auth string), CORS limited to its own origin, CSRF protection."""
+a password (this workspace's auth string), CORS limited to its own origin, CSRF protection. And the end of
+the temporary servers Prefect starts for flow runs when the process that started one cannot end it."""
 from __future__ import annotations
 
 import base64
@@ -15,6 +16,7 @@ from data.errors import IlrError
 from data.processes import spawn, wait_until
 
 AUTH_FILE = "prefect-auth"   # under $ILR_HOME: the local Prefect server's basic-auth string, mode 0600
+TEMPORARY_APP = "prefect.server.api.server:create_app"  # what Prefect's temporary server runs (`uvicorn --factory`)
 
 
 def prefect_auth_string(create: bool = True) -> str | None:
@@ -156,3 +158,65 @@ def protect_local() -> None:
     for k, v in (("PREFECT_SERVER_API_AUTH_STRING", auth), ("PREFECT_API_AUTH_STRING", auth),
                  ("PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED", "true"), ("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "true")):
         os.environ.setdefault(k, v)
+
+
+def _temporary_servers(procs) -> list:
+    """Those of `procs` that are temporary Prefect servers of this workspace: uvicorn running Prefect's app
+    with PREFECT__SERVER_EPHEMERAL=1 and this workspace's auth string in its environment (protect_local)."""
+    import psutil
+
+    auth = prefect_auth_string(create=False)
+    found = []
+    for p in procs if auth else ():
+        try:
+            if TEMPORARY_APP in p.cmdline():
+                env = p.environ()
+                if env.get("PREFECT__SERVER_EPHEMERAL") == "1" and env.get("PREFECT_SERVER_API_AUTH_STRING") == auth:
+                    found.append(p)
+        except psutil.Error:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+def _end(procs: list) -> int:
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return len(procs)
+
+
+def stop_own_temporary_server() -> None:
+    """Stop the temporary Prefect server this process started. Prefect stops it at exit, but the CLI's exit
+    after Ctrl-C or SIGTERM skips exit handlers (flows.cli), and a signal sent to this process alone (`kill
+    PID`, a supervisor, `ilr stop`) reaches no child: the server would run on, orphaned."""
+    import psutil
+
+    _end(_temporary_servers(psutil.Process().children()))
+
+
+def stop_orphaned_temporary_servers() -> int:
+    """Stop this workspace's temporary Prefect servers whose process is gone (killed with SIGKILL, or by the
+    OOM killer: nothing can run in it to stop them); returns how many. An orphan's parent is init or a
+    sub-reaper, never the Python process that started it."""
+    import psutil
+
+    def orphaned(p) -> bool:
+        try:
+            parent = p.parent()
+            return parent is None or parent.pid == 1 or "python" not in os.path.basename(parent.exe())
+        except psutil.AccessDenied:  # a parent we may not look at is not our Python process
+            return True
+        except psutil.Error:
+            return False
+
+    return _end([p for p in _temporary_servers(psutil.process_iter()) if orphaned(p)])

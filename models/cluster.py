@@ -6,6 +6,8 @@ import ipaddress
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -128,22 +130,29 @@ def ensure_ray(dashboard: bool = False) -> None:
     _require_token_auth()
     common = {"log_to_driver": False, "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
               "configure_logging": False}
-    for attempt in (1, 2):
-        started = time.time()
-        try:
-            if address:
-                ray.init(address=address, **_same_machine(address), **common)
-            else:
-                _local_ray_init(num_cpus=os.cpu_count(), **common)
-                _private_token_file()
-            return
-        except Exception as e:
-            # a local Ray gives its raylet 30 s to register and its GCS 120 s to start; on a busy 2-core
-            # machine either can pass (seen in CI): clear away what the failed start left, then once more
-            if address or not any(text in str(e) for text in _START_TIMEOUTS):
-                raise
-            ray.shutdown()
-            gcs_log = _abandon_failed_start(started)
-            if attempt == 2:
-                raise RuntimeError(f"a local Ray did not start twice: {e}\nthe end of its GCS log:\n{gcs_log}") from e
-            _log.warning("a local Ray did not start (%s); trying once more. The end of its GCS log:\n%s", e, gcs_log)
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        for attempt in (1, 2):
+            started = time.time()
+            try:
+                if address:
+                    ray.init(address=address, **_same_machine(address), **common)
+                else:
+                    _local_ray_init(num_cpus=os.cpu_count(), **common)
+                    _private_token_file()
+                return
+            except Exception as e:
+                # a local Ray gives its raylet 30 s to register and its GCS 120 s to start; on a busy 2-core
+                # machine either can pass (seen in CI): clear away what the failed start left, then once more
+                if address or not any(text in str(e) for text in _START_TIMEOUTS):
+                    raise
+                ray.shutdown()
+                gcs_log = _abandon_failed_start(started)
+                if attempt == 2:
+                    raise RuntimeError(f"a local Ray did not start twice: {e}\n"
+                                       f"the end of its GCS log:\n{gcs_log}") from e
+                _log.warning("a local Ray did not start (%s); trying once more. The end of its GCS log:\n%s",
+                             e, gcs_log)
+    finally:  # ray.init makes SIGTERM sys.exit(15); a handler the process had (the CLI's orderly stop) stays
+        if callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)

@@ -70,3 +70,54 @@ def test_ctrl_c_gives_a_command_the_stop_time_it_asked_for(monkeypatch):
     with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: the same deadline
         cli._on_interrupt(2, None)
     assert deadlines == [10.0, 35.0]
+
+
+@pytest.mark.slow
+def test_a_killed_command_leaves_no_prefect_server_running(tiny_workspace):
+    """`kill PID` (SIGTERM) stops an `ilr` command as Ctrl-C does: it ends in order, exit status 143, and so
+    does the temporary Prefect server its flow started (before: the command died at once and the server ran
+    on, orphaned, about 200 MB each). A command killed with SIGKILL cannot end its server: `ilr stop` does."""
+    import signal
+    import time
+
+    import psutil
+
+    from data.locks import workspace_lock
+    from flows.prefect_server import _temporary_servers
+
+    seen = []
+
+    def retrain_waiting(log: Path):
+        """`ilr retrain` inside its flow run, waiting for the workspace's retrain lock (this test holds it)."""
+        proc = subprocess.Popen([ILR, "retrain", "--dataset", "tiny", "--no-record"], stdout=open(log, "wb"),
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                                start_new_session=True)
+        deadline = time.monotonic() + 180
+        while "another retrain is running" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        servers = _temporary_servers(psutil.Process(proc.pid).children())
+        seen.extend(servers)
+        assert len(servers) == 1, log.read_text()
+        return proc, servers[0], log
+
+    try:
+        with workspace_lock("retrain"):
+            proc, server, log = retrain_waiting(tiny_workspace / "term.log")
+            proc.send_signal(signal.SIGTERM)  # to the command alone, as `kill PID` sends it
+            assert proc.wait(timeout=60) == 143 and "interrupted" in log.read_text(), log.read_text()
+            psutil.wait_procs([server], timeout=10)
+            assert not server.is_running()
+            proc, server, log = retrain_waiting(tiny_workspace / "kill.log")
+            proc.kill()
+            proc.wait(timeout=30)
+            time.sleep(1)
+            assert server.is_running() and server.ppid() != proc.pid  # orphaned: the command could not stop it
+        stop = _ilr("stop")
+        assert stop.returncode == 0 and "1 temporary Prefect server(s) left by killed commands" in stop.stdout, stop
+        psutil.wait_procs([server], timeout=10)
+        assert not server.is_running()
+    finally:  # what a failing run of this test would leave
+        for p in seen:
+            if p.is_running():
+                p.kill()
