@@ -74,6 +74,7 @@ def ensure(port: int = 19530, timeout_s: float = 60.0) -> str:
     if uri:
         return uri
     home = ilr_home()
+    _release_in_process(home / "milvus.db")
     port = _free_port(port)
     proc, log = spawn(["milvus-lite", "server", "--data-dir", str(home / "milvus.db"), "--host", "127.0.0.1",
                        "--port", str(port)], "milvus.log")
@@ -87,6 +88,17 @@ def ensure(port: int = 19530, timeout_s: float = 60.0) -> str:
     _state_path().write_text(json.dumps({"pid": proc.pid, "port": port, "uri": uri}))
     _children[proc.pid] = proc
     return uri
+
+
+def _release_in_process(data_dir: Path) -> None:
+    """Let go of the Milvus Lite this process opened in-process on the data dir (what milvus_uri() gives while no
+    server runs, e.g. for reading the live alias): it holds the data dir's lock while the process lives, so the
+    server could not open it. Clients opened on it stop working; ilr opens a client per use."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return
+    server_manager_instance.release_server(str(data_dir))
 
 
 def stop() -> bool:

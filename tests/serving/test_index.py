@@ -63,3 +63,19 @@ def test_seal_waits_out_an_index_file_being_written(tmp_path):
     index.seal()
     writer.join()
     assert [h["image_id"] for h in index.search(vecs[7], k=1)[0]] == ["i7"]
+
+
+def test_the_milvus_server_starts_after_this_process_read_the_index_in_process(workspace):
+    """With no Milvus Lite server running, reading the live alias opens Milvus Lite in-process, which holds the
+    data dir's lock. `ilr retrain` did that and then could not start the server for its index step ("the Milvus
+    Lite server exited with code 1"). The server now starts, and the process reads through it."""
+    from serving import milvus_server, store
+
+    assert milvus_server.running() is None
+    assert store.live() is None  # in-process: no server runs
+    try:
+        uri = milvus_server.ensure()
+        assert milvus_server.running() == uri
+        assert store.live() is None  # through the server
+    finally:
+        milvus_server.stop()
