@@ -27,6 +27,70 @@ def stop_grace_s() -> float:
     return _STOP_GRACE_S[0]
 
 
+def interrupt_behind(exc: BaseException | None) -> int | None:
+    """The signal (SIGINT, SIGTERM) when `exc` comes from stopping the process — KeyboardInterrupt, Prefect's
+    TerminationSignal, Ray's SystemExit(15) — itself or as the cause or context of another exception: a signal
+    that lands while a library is inside C code (Ray's waits) surfaces as a SystemError caused by it, which
+    Prefect would retry like any other failure. None otherwise."""
+    import signal
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return int(signal.SIGINT)
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+            return int(signal.SIGTERM)
+        if not isinstance(exc, Exception) and isinstance(getattr(exc, "signal", None), int):
+            return int(exc.signal)  # prefect.exceptions.TerminationSignal
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def end_own_group(timeout_s: float = 5.0) -> int:
+    """End what this process started and did not detach, for an exit that skips their own shutdown (flows.cli
+    after Ctrl-C or SIGTERM): the processes of this process's group (of which it must be the leader, as a
+    shell's job or a `spawn`ed process is) that descend from it or were orphaned — the local Ray's GCS, raylet,
+    agents and workers, Prefect's temporary server. A terminal's Ctrl-C reaches them through the group; a
+    signal sent to this process alone (`kill PID`) does not, and they would run on. Detached processes
+    (`spawn`: the service, the Milvus Lite server, a background retrain) have groups of their own. Returns
+    how many were ended."""
+    import os
+
+    import psutil
+
+    me = os.getpid()
+    if os.getpgrp() != me:
+        return 0
+    mine = {p.pid for p in psutil.Process(me).children(recursive=True)}
+    procs = []
+    for p in psutil.process_iter(["ppid"]):
+        try:
+            if p.pid != me and (p.pid in mine or p.info["ppid"] == 1) and os.getpgid(p.pid) == me:
+                procs.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return end_processes(procs, timeout_s)
+
+
+def end_processes(procs: list, timeout_s: float = 5.0) -> int:
+    """SIGTERM to each of `procs` (psutil.Process), SIGKILL to those still running `timeout_s` later."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return len(procs)
+
+
 def venv_exe(name: str) -> str:
     """The console script `name` of this interpreter's environment (the .venv), else the one on PATH."""
     exe = Path(sys.executable).with_name(name)

@@ -57,13 +57,13 @@ def _exit_after(seconds: float) -> None:
 
 
 def _hard_exit() -> None:
-    from flows.prefect_server import stop_own_temporary_server
+    from data.processes import end_own_group
 
     err.print("interrupted: nothing finished is lost; run the same command again to go on from there")
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        stop_own_temporary_server()  # this exit skips Prefect's own stop of it
+        end_own_group()  # this exit skips Ray's and Prefect's own shutdown of what they started
     finally:
         os._exit(128 + int(_interrupted or 2))
 
@@ -135,11 +135,18 @@ def main() -> None:
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_interrupt)
+    global _interrupted
     try:
         app()
         code = 0
     except SystemExit as e:
         code = e.code
+    except Exception as e:
+        from data.processes import interrupt_behind
+
+        if not (signum := interrupt_behind(e)):
+            raise
+        _interrupted = _interrupted or signum  # a stop that a library turned into another error
     finally:
         if _interrupted:
             _hard_exit()

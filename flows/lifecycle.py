@@ -29,6 +29,17 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 RETRAIN_DEPLOYMENT = "retrain/ilr-retrain"
 
 
+def _retry_unless_interrupted(task, task_run, state) -> bool:
+    """Retry a failed task, unless it failed because the process is being stopped (Ctrl-C, SIGTERM)."""
+    from data.processes import interrupt_behind
+
+    try:
+        state.result()
+    except BaseException as e:
+        return interrupt_behind(e) is None
+    return True
+
+
 def _log():
     try:
         return get_run_logger().warning  # WARNING: visible at the default logging level
@@ -59,7 +70,7 @@ def _artifact(key: str, lines: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- tasks
 
-@task(retries=1, retry_delay_seconds=5)
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_interrupted)
 def ingest_task(fmt: str, source: str, name: str, seed: int | None = None) -> dict:
     from data.config import data_config
     from data.versioning import ingest
@@ -70,7 +81,7 @@ def ingest_task(fmt: str, source: str, name: str, seed: int | None = None) -> di
             "git_rev": version.git_rev, "docs": str(report.docs_path)}
 
 
-@task(retries=1, retry_delay_seconds=10)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_interrupted)
 def tune_task(dataset: str, trials: int | None, steps: int | None) -> dict:
     from models.tune import tune_config, tune_delg
 
@@ -97,7 +108,7 @@ def gate_task(dataset: str) -> dict:
             "challenger_score": d.challenger_score, "champion_score": d.champion_score, "run_id": d.run_id}
 
 
-@task(retries=1, retry_delay_seconds=10)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_interrupted)
 def index_task(dataset: str, model: str | None, engine: str | None) -> dict:
     from models.config import extract_config
     from serving import milvus_server
@@ -112,7 +123,7 @@ def index_task(dataset: str, model: str | None, engine: str | None) -> dict:
             "images": res.total, "seconds": res.seconds}
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_interrupted)
 def deploy_task(port: int | None, start: bool = True) -> dict:
     from serving import service
     from serving.config import serve_config

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from data.config import ilr_home
 from data.errors import IlrError
-from data.processes import spawn, wait_until
+from data.processes import end_processes, spawn, wait_until
 
 AUTH_FILE = "prefect-auth"   # under $ILR_HOME: the local Prefect server's basic-auth string, mode 0600
 TEMPORARY_APP = "prefect.server.api.server:create_app"  # what Prefect's temporary server runs (`uvicorn --factory`)
@@ -178,32 +178,6 @@ def _temporary_servers(procs) -> list:
     return found
 
 
-def _end(procs: list) -> int:
-    import psutil
-
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    return len(procs)
-
-
-def stop_own_temporary_server() -> None:
-    """Stop the temporary Prefect server this process started. Prefect stops it at exit, but the CLI's exit
-    after Ctrl-C or SIGTERM skips exit handlers (flows.cli), and a signal sent to this process alone (`kill
-    PID`, a supervisor, `ilr stop`) reaches no child: the server would run on, orphaned."""
-    import psutil
-
-    _end(_temporary_servers(psutil.Process().children()))
-
-
 def stop_orphaned_temporary_servers() -> int:
     """Stop this workspace's temporary Prefect servers whose process is gone (killed with SIGKILL, or by the
     OOM killer: nothing can run in it to stop them); returns how many. An orphan's parent is init or a
@@ -219,4 +193,4 @@ def stop_orphaned_temporary_servers() -> int:
         except psutil.Error:
             return False
 
-    return _end([p for p in _temporary_servers(psutil.process_iter()) if orphaned(p)])
+    return end_processes([p for p in _temporary_servers(psutil.process_iter()) if orphaned(p)])
