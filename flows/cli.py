@@ -100,16 +100,15 @@ app.add_typer(cli_service.flows_app, name="flows")
 def _quick_exit(code) -> None:
     """Python's own exit less its slowest step: after a command that loaded torch, Ray, MLflow and Prefect,
     tearing the interpreter down (module globals, C++ destructors) costs ~3 s of CPU and changes nothing. So:
-    what an exit must do (wait for non-daemon threads, run the atexit handlers: Ray's shutdown, Prefect's and
-    logging's flushes; flush every open file), then end the process with the same exit status."""
+    what an exit must do (threading's exit hooks, which tell thread pools such as MLflow's artifact uploads to
+    end, then wait for non-daemon threads; the atexit handlers: Ray's shutdown, Prefect's and logging's
+    flushes; flush every open file), then end the process with the same exit status."""
     import atexit
     import gc
     import io
     import threading
 
-    for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
+    threading._shutdown()  # as the interpreter's exit does; joining the threads alone waits forever on a pool
     atexit._run_exitfuncs()
     if code is not None and not isinstance(code, int):  # sys.exit("message"): as Python prints it
         print(code, file=sys.stderr)

@@ -36,6 +36,25 @@ def test_console_script_exit_status_and_output(tiny_workspace):
         assert r.returncode == 2 and f"error: {says}" in r.stderr and "--" in r.stderr, r
 
 
+def test_the_quick_exit_ends_with_a_thread_pool_alive():
+    """The CLI's exit (flows.cli._quick_exit) waited forever when a thread pool was alive — MLflow keeps one for
+    artifact transfers with an MLflow server: seen as `ilr retrain` never ending after its work. It now ends as
+    Python's exit does: non-daemon threads finished, atexit handlers run, the exit status kept."""
+    code = ("import atexit, concurrent.futures, threading, time\n"
+            "pool = concurrent.futures.ThreadPoolExecutor(2)\n"  # held, as MLflow holds its pool
+            "pool.submit(int).result()\n"
+            "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()\n"
+            "atexit.register(lambda: print('atexit ran', flush=True))\n"
+            "from flows.cli import _quick_exit\n"
+            "_quick_exit(3)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("the exit waited for the thread pool's idle workers")
+    assert r.returncode == 3 and r.stdout.split() == ["thread", "done", "atexit", "ran"], r
+
+
 def test_query_names_an_image_path_it_cannot_read(tmp_path):
     """`ilr query` with a folder or a missing file says what is wrong with that path (before, a folder was
     reported as "cannot reach the service"), exit status 2; nothing is sent (no service is needed)."""
@@ -110,6 +129,8 @@ def test_a_killed_command_stops_in_order_and_leaves_nothing_running(tiny_workspa
     from flows.prefect_server import _temporary_servers
 
     seen = []
+    # as a user runs it: no Prefect settings that another test of this process left in its environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PYTHONPATH": str(ROOT)}
 
     def session(pid: int) -> list:  # Ray starts each worker in a process group of its own
         out = []
@@ -125,8 +146,7 @@ def test_a_killed_command_stops_in_order_and_leaves_nothing_running(tiny_workspa
         """`ilr retrain` in a session of its own (so that its processes can be told apart), once `until(proc)`
         holds."""
         proc = subprocess.Popen([ILR, "retrain", "--dataset", "tiny", "--no-record", *args], stdout=open(log, "wb"),
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-                                start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + 240
         while not until(proc):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
