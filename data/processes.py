@@ -125,3 +125,83 @@ def wait_until(ready: Callable[[], T | None], what: str, timeout_s: float, proc:
     seen = f" ({last()})" if last else ""
     raise IlrError(f"{what} did not answer within {timeout_s:.0f} s{seen}", where=str(log) if log else None,
                    hint=hint)
+
+
+# ------------------------------------------------------------------------------------ recorded background work
+
+def _records() -> Path:
+    return ilr_home() / "background"
+
+
+def record_background(kind: str, proc: subprocess.Popen, **info) -> None:
+    """Remember a detached process of this workspace that is not a server (a retrain that a trigger started),
+    so that `ilr stop` can end it: $ILR_HOME/background/<kind>-<pid>.json, with the process's start time (a
+    later process that gets the same pid is not it)."""
+    import json
+
+    import psutil
+
+    try:
+        started = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        return  # it has ended already
+    _records().mkdir(parents=True, exist_ok=True)
+    (_records() / f"{kind}-{proc.pid}.json").write_text(json.dumps({"pid": proc.pid, "started": started, **info}))
+
+
+def running_background(kind: str) -> list[tuple[object, dict]]:
+    """This workspace's recorded `kind` processes that still run, as (psutil.Process, what was recorded); the
+    records of those that ended are removed."""
+    import json
+
+    import psutil
+
+    found = []
+    for path in sorted(_records().glob(f"{kind}-*.json")) if _records().is_dir() else []:
+        try:
+            info = json.loads(path.read_text())
+            proc = psutil.Process(info["pid"])
+            if abs(proc.create_time() - info["started"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append((proc, info))
+                continue
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+            pass
+        path.unlink(missing_ok=True)
+    return found
+
+
+def end_background(kind: str, timeout_s: float = 45.0) -> list[dict]:
+    """Stop this workspace's recorded `kind` processes as `kill PID` does (an `ilr` command stops in order and
+    ends what it started: exit 143), waiting up to `timeout_s`; then SIGKILL to the process group of any still
+    running (each has its own: `spawn`). Returns what was recorded of each."""
+    import os
+    import signal
+
+    import psutil
+
+    def ended(proc) -> bool:  # exited; a zombie too (its parent, if still alive, has not reaped it yet)
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def wait(procs: list, seconds: float) -> list:
+        deadline = time.monotonic() + seconds
+        while (procs := [p for p in procs if not ended(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return procs
+
+    found = running_background(kind)
+    for proc, _ in found:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    for proc in wait([p for p, _ in found], timeout_s):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    wait([p for p, _ in found], 5)
+    running_background(kind)  # removes the records
+    return [info for _, info in found]

@@ -70,14 +70,22 @@ def serve_cmd(host: str = typer.Option(None, help="bind address (default 127.0.0
 
 
 @commands.command("stop")
-def stop_cmd(keep_milvus: bool = typer.Option(False, help="leave the Milvus Lite server running")):
-    """Stop a background `ilr serve` and the workspace's Milvus Lite server, and the temporary Prefect servers
-    that killed `ilr` commands of this workspace left behind."""
+def stop_cmd(keep_milvus: bool = typer.Option(False, help="leave the Milvus Lite server running"),
+             keep_retrain: bool = typer.Option(False, help="leave retrains that triggers started in the background "
+                                                            "running (their index step starts the Milvus Lite "
+                                                            "server again)")):
+    """Stop the workspace's background work: retrains that triggers started (a stopped search resumes when the
+    same retrain runs again), a background `ilr serve`, the Milvus Lite server, and the temporary Prefect
+    servers that killed `ilr` commands of this workspace left behind."""
+    from data.processes import end_background
     from serving import service
 
     from flows.prefect_server import stop_orphaned_temporary_servers
 
-    stopped = service.stop(milvus=not keep_milvus)
+    stopped = [] if keep_retrain else [
+        f"background retrain of {r['dataset']} (pid {r['pid']}; `{r.get('resume', 'ilr retrain')}` resumes its search)"
+        for r in end_background("retrain")]
+    stopped += service.stop(milvus=not keep_milvus)
     if n := stop_orphaned_temporary_servers():
         stopped.append(f"{n} temporary Prefect server(s) left by killed commands")
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))

@@ -207,13 +207,17 @@ def fire_retrain(event: str, reason: str, dataset: str, mode: str = "background"
 
 
 def spawn_retrain(dataset: str, reason: str, trials: int | None = None, steps: int | None = None) -> dict:
+    import shlex
     import time
 
-    from data.processes import spawn
+    from data.processes import record_background, spawn
 
     size = [arg for opt, n in (("--trials", trials), ("--steps", steps)) if n for arg in (opt, str(n))]
     proc, log = spawn(["ilr", "retrain", "--dataset", dataset, "--reason", reason, "--no-record", *size],
                       f"retrain-{time.strftime('%Y%m%d-%H%M%S')}.log", {**os.environ, **worker_env()})
+    # `ilr stop` stops it; the same search resumes when this command runs again
+    record_background("retrain", proc, dataset=dataset, log=str(log),
+                      resume=shlex.join(["ilr", "retrain", "--dataset", dataset, *size]))
     return {"how": f"background process {proc.pid}", "pid": proc.pid, "log": str(log)}
 
 

@@ -166,6 +166,57 @@ def test_a_killed_command_stops_in_order_and_leaves_nothing_running(tiny_workspa
                 p.kill()
 
 
+def test_ilr_stop_stops_a_retrain_that_a_trigger_started(tiny_workspace, monkeypatch):
+    """`ilr stop` ended the service and the Milvus Lite server, not the retrain that a new dataset version had
+    started in the background (the demo's second version): it ran on, and its index step started the Milvus Lite
+    server again after the user had stopped everything. Now `ilr stop` stops it as `kill PID` does (in order, its
+    temporary Prefect server with it) and says how to resume it; `--keep-retrain` leaves it running."""
+    import time
+
+    import psutil
+
+    from data.locks import workspace_lock
+    from flows.lifecycle import spawn_retrain
+    from flows.prefect_server import _temporary_servers
+
+    for key in [k for k in os.environ if k.startswith("PREFECT_")]:  # what other tests of this process set
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+    def gone(proc) -> bool:
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE  # this process started it: ended, not reaped yet
+        except psutil.NoSuchProcess:
+            return True
+
+    with workspace_lock("retrain"):  # the retrain waits for it inside its flow run: its Prefect server is up
+        started = spawn_retrain("tiny", "a test", trials=1, steps=1)
+        log, proc = Path(started["log"]), psutil.Process(started["pid"])
+        deadline = time.monotonic() + 180
+        while "another retrain is running" not in log.read_text():
+            assert not gone(proc) and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        servers = _temporary_servers(proc.children())
+        assert len(servers) == 1, log.read_text()
+        kept = _ilr("stop", "--keep-retrain")
+        assert kept.returncode == 0 and "nothing was running" in kept.stdout and not gone(proc), kept
+        stop = _ilr("stop")
+    try:
+        assert stop.returncode == 0, stop
+        assert (f"background retrain of tiny (pid {proc.pid}; `ilr retrain --dataset tiny --trials 1 --steps 1` "
+                "resumes its search)") in stop.stdout.replace("\n", ""), stop.stdout
+        assert gone(proc) and "interrupted" in log.read_text(), log.read_text()
+        psutil.wait_procs(servers, timeout=10)
+        assert not any(s.is_running() for s in servers)
+        again = _ilr("stop")  # its record is gone with it
+        assert again.returncode == 0 and "nothing was running" in again.stdout, again
+        assert not (tiny_workspace.parent / "home" / "milvus-server.json").exists()
+    finally:  # what a failing run of this test would leave
+        for p in [proc, *servers]:
+            if not gone(p):
+                p.kill()
+
+
 def test_a_task_is_not_retried_after_a_stop(workspace):
     """A stop that Ray's C code turned into a SystemError made Prefect retry the task (the search ran on after
     `kill PID`): the lifecycle's tasks retry other failures, never a stop. Real flows, in a process of their own
