@@ -12,6 +12,12 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     from monitoring.config import monitor_config
     from serving.client import Client
 
+    from serving import service
+    from serving.config import serve_config
+
+    if service.running() is None:  # found out now, not after the whole lifecycle (a re-run keeps its service)
+        service.check_port_free(serve_config(**({"port": port} if port else {})),
+                                hint="stop that program, or give the demo another port: --port N")
     name = f"synthetic-{size}"
     t0 = time.perf_counter()
     stamp = lambda: f"[{time.perf_counter() - t0:6.1f}s]"  # noqa: E731

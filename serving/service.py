@@ -9,6 +9,7 @@ import time
 
 from data.config import ilr_home, worker_env
 from data import processes
+from data.errors import IlrError
 from data.processes import allow_stop_time, wait_until
 from serving import milvus_server
 from serving.config import ServeConfig, serve_config
@@ -19,6 +20,25 @@ SHUTDOWN_S = 30  # `ilr serve` stopping: how long Serve's shutdown may take befo
 
 def url_of(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}"
+
+
+def check_port_free(cfg: ServeConfig, hint: str = "stop that program, or serve on another port: --port N (or "
+                                                    "serve.port in params.yaml)") -> None:
+    """IlrError when another program listens on the service's address. Found out late otherwise: Ray Serve's
+    proxy fails to bind it only after Ray and the replicas have started (`ilr demo`: after the whole lifecycle),
+    and a client waiting for the new service could take that program's answers for its own. Not checked when
+    RAY_ADDRESS names a cluster: Serve's proxies bind on its nodes."""
+    import socket
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds: a closing port is free
+        try:
+            s.bind((cfg.host, cfg.port))
+        except OSError as e:
+            raise IlrError(f"port {cfg.port} on {cfg.host} is in use by another program ({e.strerror}): the service "
+                           "cannot listen there", where="serve.port", hint=hint) from None
 
 
 def wait_healthy(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None,
@@ -51,6 +71,7 @@ def start(cfg: ServeConfig | None = None, extra_apps: tuple = ()) -> str:
     from serving.app import build_app, current_env
 
     cfg = cfg or serve_config()
+    check_port_free(cfg)
     milvus_server.ensure()
     ensure_ray(dashboard=True)
     serve.start(proxy_location=cfg.proxy_location,
@@ -112,6 +133,7 @@ def spawn(args: list[str], cfg: ServeConfig, timeout_s: float = 300.0) -> str:
     st = running()
     if st:
         return st["url"]
+    check_port_free(cfg)
     milvus_server.ensure()  # owned by no service: index builds keep working while the service restarts
     proc, _ = processes.spawn(["ilr", "serve", *args], "serve.log", {**os.environ, **worker_env()})
     url = url_of(cfg)

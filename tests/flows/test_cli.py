@@ -36,6 +36,27 @@ def test_console_script_exit_status_and_output(tiny_workspace):
         assert r.returncode == 2 and f"error: {says}" in r.stderr and "--" in r.stderr, r
 
 
+def test_a_port_in_use_is_refused_before_any_work(workspace):
+    """Another program listening on the service's port: `ilr demo` ran the whole lifecycle (minutes) and only
+    then failed, and `ilr serve --background` said "the service exited with code 1" (Ray Serve's proxy could
+    not bind; the reason was in a Ray traceback in the log). Both now refuse at once and say why; nothing is
+    ingested or started."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        for args in (("demo", "--size", "tiny", "--port", str(port)), ("serve", "--background", "--port", str(port))):
+            r = _ilr(*args)
+            assert r.returncode == 2, r
+            assert f"serve.port: port {port} on 127.0.0.1 is in use by another program" in r.stderr, r.stderr
+            assert "hint:" in r.stderr and "--port N" in r.stderr, r.stderr
+    home = workspace.parent / "home"
+    assert not (home / "datasets").exists() and not (home / "serve.json").exists()
+    assert not (home / "milvus-server.json").exists()
+
+
 def test_the_quick_exit_ends_with_a_thread_pool_alive():
     """The CLI's exit (flows.cli._quick_exit) waited forever when a thread pool was alive — MLflow keeps one for
     artifact transfers with an MLflow server: seen as `ilr retrain` never ending after its work. It now ends as
