@@ -29,12 +29,17 @@ WORKSPACE_ENV = ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "M
 
 
 def ilr_home_path() -> Path:
-    """Where ilr_home() is, without creating it."""
-    return Path(os.environ.get("ILR_HOME", ".ilr")).expanduser().resolve()
+    """Where ilr_home() is, without creating it: $ILR_HOME, else .ilr in the repository (repo_root()), so that
+    a command run from one of its subfolders finds the same workspace (it made a new, empty one there: no
+    models, no service to stop); outside any git repository, ./.ilr."""
+    if env := os.environ.get("ILR_HOME"):
+        return Path(env).expanduser().resolve()
+    return repo_root() / ".ilr"
 
 
 def ilr_home() -> Path:
-    """Runtime state (MLflow DB, Milvus data, Prefect home, DVC remote, GX context): $ILR_HOME or ./.ilr."""
+    """Runtime state (MLflow DB, Milvus data, Prefect home, DVC remote, GX context): $ILR_HOME, else .ilr in
+    the repository."""
     home = ilr_home_path()
     if not home.is_dir():  # private: it holds the API token, the Prefect password and every store
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -46,8 +51,25 @@ def repo_root() -> Path:
     """The git + DVC repository that versions datasets: $ILR_REPO, else the git top level of the cwd."""
     if env := os.environ.get("ILR_REPO"):
         return Path(env).expanduser().resolve()
-    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
-    return Path(out.stdout.strip()).resolve() if out.returncode == 0 else Path.cwd().resolve()
+    cwd = Path.cwd().resolve()
+    return _git_top(cwd) or cwd
+
+
+_GIT_TOPS: dict[Path, Path] = {}
+
+
+def _git_top(cwd: Path) -> Path | None:
+    """The git top level of cwd, asked once per folder and process while it stays a repository (ilr_home() is
+    asked often)."""
+    top = _GIT_TOPS.get(cwd)
+    if top is not None and (top / ".git").exists():
+        return top
+    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, cwd=cwd)
+    if out.returncode != 0:
+        _GIT_TOPS.pop(cwd, None)
+        return None
+    _GIT_TOPS[cwd] = top = Path(out.stdout.strip()).resolve()
+    return top
 
 
 def params_path() -> Path:

@@ -100,6 +100,9 @@ def test_readme_demo_in_a_fresh_clone_runs_and_reruns(clone):
     tuned = _run([ilr, "tune", "--dataset", "synthetic-tiny", "--trials", "1", "--steps", "2", "--no-register"],
                  clone["dir"], clone["env"])
     assert "1 trials" in tuned and "best val_map" in tuned, tuned
+    # from a subfolder of the clone: the same workspace (before: an empty one there, "no registered versions")
+    listed = _run([ilr, "model", "list"], clone["dir"] / "docs", clone["env"])
+    assert "champion" in listed and not (clone["dir"] / "docs" / ".ilr").exists(), listed
 
     t0 = time.monotonic()
     again = _run(demo, clone["dir"], clone["env"])

@@ -145,6 +145,29 @@ def test_workspace_is_resolved_once_and_absolute(tmp_path, monkeypatch):
     assert worker_env(MILVUS_URI="http://127.0.0.1:1")["MILVUS_URI"] == "http://127.0.0.1:1"
 
 
+def test_the_default_workspace_is_the_repositorys_from_any_of_its_folders(tmp_path, monkeypatch):
+    """No ILR_HOME: the workspace was ./.ilr of the current folder while the repository was the git top level,
+    so `ilr model list` run in a subfolder of a clone made an empty workspace there and said "no registered
+    versions" (and `ilr stop` found nothing to stop). Now it is .ilr in the repository; outside any git
+    repository, ./.ilr as before."""
+    from tests.conftest import git
+
+    repo = tmp_path / "clone"
+    (repo / "docs" / "deeper").mkdir(parents=True)
+    git(repo, "init", "-q")
+    for key in WORKSPACE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for folder in (repo, repo / "docs" / "deeper"):
+        monkeypatch.chdir(folder)
+        assert repo_root() == repo.resolve() and ilr_home() == repo.resolve() / ".ilr"
+        assert worker_env()["ILR_HOME"] == str(repo.resolve() / ".ilr")
+    assert not (repo / "docs" / "deeper" / ".ilr").exists()
+    outside = tmp_path / "not-a-repository"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    assert repo_root() == outside.resolve() and ilr_home() == outside.resolve() / ".ilr"
+
+
 def test_serving_and_tune_hand_workers_the_same_list():
     import inspect
 
