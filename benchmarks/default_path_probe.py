@@ -84,7 +84,7 @@ def stop_and_subfolder(rev: str, subfolder: bool) -> None:
     rc, s, out = run(["./scripts/demo", *SEARCH], clone, env)
     print(f"  {rev[:8]} stop: demo exit {rc} in {s:.0f} s", flush=True)
     if subfolder:
-        rc, s, out = run([".venv/bin/ilr", "model", "list"], clone / "docs", env)
+        rc, s, out = run([str(clone / ".venv" / "bin" / "ilr"), "model", "list"], clone / "docs", env)
         print(f"  {rev[:8]} subfolder: `ilr model list` in docs/: exit {rc}, champion listed: {'champion' in out}, "
               f"docs/.ilr made: {(clone / 'docs' / '.ilr').exists()}", flush=True)
     rc, s, out = run([".venv/bin/ilr", "stop"], clone, env)
