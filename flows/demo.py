@@ -50,6 +50,8 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
     dep = lc.deploy(port)
     url = dep["url"]
     say(f"4. serving {url}: model {dep['model']}, index {dep['index']}")
+    if port and not url.endswith(f":{port}"):  # a service of an earlier run keeps its port
+        say(f"   (this workspace's service was running already, on that port: `ilr stop` first to serve on {port})")
 
     from data import manifest
     from data.config import NO_LABEL

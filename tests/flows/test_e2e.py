@@ -105,9 +105,11 @@ def test_readme_demo_in_a_fresh_clone_runs_and_reruns(clone):
     assert "champion" in listed and not (clone["dir"] / "docs" / ".ilr").exists(), listed
 
     t0 = time.monotonic()
-    again = _run(demo, clone["dir"], clone["env"])
+    other = _free_port()  # asked for another port: the running service stays where it is, and the demo says so
+    again = _run([*demo[:-1], str(other)], clone["dir"], clone["env"])
     print(f"demo in a fresh clone: {first_s:.0f}s, re-run {time.monotonic() - t0:.0f}s")
     assert "synthetic-tiny@v2 already versioned" in again and "demo finished" in again, again
+    assert f"serving {clone['url']}" in again and f"`ilr stop` first to serve on {other}" in again, again
     # the same search as the background retrain's (v2, the same options): its result, without Ray; whichever
     # of the two took the workspace's retrain lock first ran it (so the retrain may still be going: wait)
     _wait_retrain_idle(clone["home"])
