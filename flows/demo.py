@@ -90,13 +90,17 @@ def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | N
         else:
             say(f"7. dataset version {v2['ref']} unchanged: no retrain trigger (running the demo again is idempotent)")
         out["second"] = v2
+    from shlex import quote
+
     home = ilr_home()
     console.rule("where to look")
     console.print(f"dashboard      {url}/dashboard/")
     console.print(f"API docs       {url}/docs     (service stays up; stop with: .venv/bin/ilr stop)")
-    console.print(f"example        curl -F image=@{folder / queries.iloc[0]['path']} -F top_k=5 {url}/v1/search")
+    # commands to copy into a shell: quoted where the workspace's path needs it (a space in a folder name)
+    image, store = f"image=@{folder / queries.iloc[0]['path']}", f"sqlite:///{home / 'mlflow.db'}"
+    console.print(f"example        curl -F {quote(image)} -F top_k=5 {url}/v1/search")
     console.print("MLflow UI      MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui "  # no GenAI job runner
-                  f"--backend-store-uri sqlite:///{home / 'mlflow.db'} --host 127.0.0.1 --port 5000")
+                  f"--backend-store-uri {quote(store)} --host 127.0.0.1 --port 5000")
     console.print(f"Prefect UI     .venv/bin/ilr flows serve   (then http://127.0.0.1:4200; the password is the line "
                   f"in {home / 'prefect-auth'})")
     console.print("Ray dashboard  http://127.0.0.1:8265")

@@ -72,7 +72,7 @@ def _chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """One fresh clone for the module: the demo runs in it, then the trigger test works in its workspace."""
-    dest = tmp_path_factory.mktemp("user") / "ilr"
+    dest = tmp_path_factory.mktemp("a user") / "ilr"  # a space in the path, as many users' folders have
     env = fresh_clone(dest)
     port = _free_port()
     yield {"dir": dest, "env": env, "port": port, "url": f"http://127.0.0.1:{port}", "home": dest / ".ilr"}
@@ -92,6 +92,13 @@ def test_readme_demo_in_a_fresh_clone_runs_and_reruns(clone):
     assert "demo finished" in out and f"{clone['url']}/dashboard/" in out and "gate:" in out, out
     assert f"workspace {clone['dir'] / '.ilr'}" in out.replace("\n", "")  # the default workspace, ./.ilr
     assert "new dataset version synthetic-tiny@v2: retrain trigger fired -> background process" in out, out
+    # the commands it prints to copy into a shell work in that folder (they were not quoted)
+    import shlex
+
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith(("example ", "MLflow "))}
+    image = next(a for a in shlex.split(lines["example"]) if a.startswith("image=@"))
+    store = shlex.split(lines["MLflow"])[shlex.split(lines["MLflow"]).index("--backend-store-uri") + 1]
+    assert Path(image.removeprefix("image=@")).is_file() and Path(store.removeprefix("sqlite:///")).is_file(), lines
     health = httpx.get(f"{clone['url']}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["dataset"].startswith("synthetic-tiny@v")  # v2 once retrained
 
