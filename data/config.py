@@ -29,17 +29,19 @@ WORKSPACE_ENV = ("ILR_REPO", "ILR_HOME", "ILR_PARAMS", "MLFLOW_TRACKING_URI", "M
 
 
 def ilr_home_path() -> Path:
-    """Where ilr_home() is, without creating it: $ILR_HOME, else .ilr in the repository (repo_root()), so that
-    a command run from one of its subfolders finds the same workspace (it made a new, empty one there: no
-    models, no service to stop); outside any git repository, ./.ilr."""
+    """Where ilr_home() is, without creating it: $ILR_HOME, else .ilr at the git top level of the current
+    folder, so that a command run from a subfolder of a checkout finds the same workspace (it made a new,
+    empty one there: no models, no service to stop); outside any git repository, ./.ilr. (Not ILR_REPO's:
+    a data repository elsewhere does not move the workspace.)"""
     if env := os.environ.get("ILR_HOME"):
         return Path(env).expanduser().resolve()
-    return repo_root() / ".ilr"
+    cwd = Path.cwd().resolve()
+    return (_git_top(cwd) or cwd) / ".ilr"
 
 
 def ilr_home() -> Path:
-    """Runtime state (MLflow DB, Milvus data, Prefect home, DVC remote, GX context): $ILR_HOME, else .ilr in
-    the repository."""
+    """Runtime state (MLflow DB, Milvus data, Prefect home, DVC remote, GX context): $ILR_HOME, else .ilr at
+    the git top level of the current folder."""
     home = ilr_home_path()
     if not home.is_dir():  # private: it holds the API token, the Prefect password and every store
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -64,7 +66,10 @@ def _git_top(cwd: Path) -> Path | None:
     top = _GIT_TOPS.get(cwd)
     if top is not None and (top / ".git").exists():
         return top
-    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, cwd=cwd)
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, cwd=cwd)
+    except OSError:  # no git on this machine: no repository
+        return None
     if out.returncode != 0:
         _GIT_TOPS.pop(cwd, None)
         return None

@@ -135,18 +135,35 @@ def _records() -> Path:
 
 def record_background(kind: str, proc: subprocess.Popen, **info) -> None:
     """Remember a detached process of this workspace that is not a server (a retrain that a trigger started),
-    so that `ilr stop` can end it: $ILR_HOME/background/<kind>-<pid>.json, with the process's start time (a
-    later process that gets the same pid is not it)."""
+    so that `ilr stop` can end it: $ILR_HOME/background/<kind>-<pid>.json with its command line. A process
+    is taken for it only with that pid, that command line, its own session (`spawn`) and this workspace's
+    ILR_HOME in its environment: never a later process that got the same pid."""
     import json
+    import os
 
     import psutil
 
     try:
-        started = psutil.Process(proc.pid).create_time()
+        cmdline = psutil.Process(proc.pid).cmdline()
     except psutil.Error:
         return  # it has ended already
     _records().mkdir(parents=True, exist_ok=True)
-    (_records() / f"{kind}-{proc.pid}.json").write_text(json.dumps({"pid": proc.pid, "started": started, **info}))
+    path = _records() / f"{kind}-{proc.pid}.json"
+    part = path.with_suffix(".part")  # a reader never sees half a record
+    part.write_text(json.dumps({"pid": proc.pid, "cmdline": cmdline, **info}))
+    os.replace(part, path)
+
+
+def _is_recorded(proc, info: dict) -> bool:
+    import os
+
+    import psutil
+
+    try:
+        return (proc.cmdline() == info["cmdline"] and os.getsid(proc.pid) == proc.pid
+                and proc.environ().get("ILR_HOME") == str(ilr_home()) and proc.status() != psutil.STATUS_ZOMBIE)
+    except (OSError, psutil.Error):
+        return False
 
 
 def running_background(kind: str) -> list[tuple[object, dict]]:
@@ -161,7 +178,7 @@ def running_background(kind: str) -> list[tuple[object, dict]]:
         try:
             info = json.loads(path.read_text())
             proc = psutil.Process(info["pid"])
-            if abs(proc.create_time() - info["started"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+            if _is_recorded(proc, info):
                 found.append((proc, info))
                 continue
         except (OSError, ValueError, KeyError, TypeError, psutil.Error):
@@ -179,9 +196,9 @@ def end_background(kind: str, timeout_s: float = 45.0) -> list[dict]:
 
     import psutil
 
-    def ended(proc) -> bool:  # exited; a zombie too (its parent, if still alive, has not reaped it yet)
-        try:
-            return proc.status() == psutil.STATUS_ZOMBIE
+    def ended(proc) -> bool:  # exited (is_running: not a later process with its pid); a zombie too (its parent,
+        try:                  # if still alive, has not reaped it yet)
+            return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
         except psutil.Error:
             return True
 
@@ -199,8 +216,9 @@ def end_background(kind: str, timeout_s: float = 45.0) -> list[dict]:
             pass
     for proc in wait([p for p, _ in found], timeout_s):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
+            if proc.is_running() and os.getpgid(proc.pid) == proc.pid:  # still it, still leading its group
+                os.killpg(proc.pid, signal.SIGKILL)
+        except (OSError, psutil.Error):
             pass
     wait([p for p, _ in found], 5)
     running_background(kind)  # removes the records

@@ -148,7 +148,8 @@ def demo(size: str = typer.Option(None, help="synthetic size (default: params.ya
 
     console.rule("ilr demo")
     cfg = demo_config(size=size, seed=seed, trials=trials, steps=steps)
-    run_demo(cfg.size, cfg.seed, serve_config(port=port).port, cfg.trials, cfg.steps, second_version, console)
+    serve_config(port=port)  # an option out of range is refused before any work
+    run_demo(cfg.size, cfg.seed, port, cfg.trials, cfg.steps, second_version, console)
 
 
 @flows_app.command("serve")

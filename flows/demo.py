@@ -6,7 +6,7 @@ import time
 from data.config import ilr_home
 
 
-def run_demo(size: str, seed: int, port: int, trials: int | None, steps: int | None, second_version: bool,
+def run_demo(size: str, seed: int, port: int | None, trials: int | None, steps: int | None, second_version: bool,
              console) -> dict:
     from flows import lifecycle as lc
     from monitoring.config import monitor_config

@@ -28,17 +28,26 @@ def check_port_free(cfg: ServeConfig, hint: str = "stop that program, or serve o
     proxy fails to bind it only after Ray and the replicas have started (`ilr demo`: after the whole lifecycle),
     and a client waiting for the new service could take that program's answers for its own. Not checked when
     RAY_ADDRESS names a cluster: Serve's proxies bind on its nodes."""
+    import errno
     import socket
 
     if os.environ.get("RAY_ADDRESS"):
         return
-    with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds: a closing port is free
-        try:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds: a closing port is free
             s.bind((cfg.host, cfg.port))
-        except OSError as e:
-            raise IlrError(f"port {cfg.port} on {cfg.host} is in use by another program ({e.strerror}): the service "
-                           "cannot listen there", where="serve.port", hint=hint) from None
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:  # a host that is not this machine's, a port it may not use
+            raise IlrError(f"the service cannot listen on {cfg.host} port {cfg.port}: {e.strerror or e}",
+                           where="serve.host / serve.port", hint="serve.host must be an address of this machine "
+                           "(127.0.0.1 by default); ports below 1024 need privileges") from None
+        st = running()
+        if st and st["url"].endswith(f":{cfg.port}"):
+            raise IlrError(f"this workspace's service already listens on port {cfg.port} ({st['url']})",
+                           where="serve.port", hint="`ilr stop` stops it; or serve on another port: --port N") from None
+        raise IlrError(f"port {cfg.port} on {cfg.host} is in use by another program ({e.strerror}): the service "
+                       "cannot listen there", where="serve.port", hint=hint) from None
 
 
 def wait_healthy(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | None = None,

@@ -162,6 +162,12 @@ def test_the_default_workspace_is_the_repositorys_from_any_of_its_folders(tmp_pa
         assert repo_root() == repo.resolve() and ilr_home() == repo.resolve() / ".ilr"
         assert worker_env()["ILR_HOME"] == str(repo.resolve() / ".ilr")
     assert not (repo / "docs" / "deeper" / ".ilr").exists()
+    data_repo = tmp_path / "data-repo"  # datasets versioned in another repository: the workspace stays here
+    data_repo.mkdir()
+    git(data_repo, "init", "-q")
+    monkeypatch.setenv("ILR_REPO", str(data_repo))
+    assert repo_root() == data_repo.resolve() and ilr_home() == repo.resolve() / ".ilr"
+    monkeypatch.delenv("ILR_REPO")
     outside = tmp_path / "not-a-repository"
     outside.mkdir()
     monkeypatch.chdir(outside)
