@@ -62,9 +62,13 @@ def wait_healthy(url: str, timeout_s: float = 180.0, proc: subprocess.Popen | No
         except httpx.HTTPError as e:
             seen[0] = str(e)
             return None
-        if r.status_code == 200 and (not need_index or r.json().get("status") == "ok"):
-            return r.json()
-        seen[0] = r.text[:200]
+        try:
+            body = r.json() if r.status_code == 200 else None
+        except ValueError:  # another program's answer (a metrics exporter of the local Ray answers any path)
+            body = None
+        if isinstance(body, dict) and "status" in body and (not need_index or body["status"] == "ok"):
+            return body
+        seen[0] = f"HTTP {r.status_code}: {r.text[:200]}"
         return None
 
     return wait_until(healthy, f"the service at {url}", timeout_s, proc, ilr_home() / "logs" / "serve.log",

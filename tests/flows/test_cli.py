@@ -69,6 +69,34 @@ def test_a_port_in_use_is_refused_before_any_work(workspace, monkeypatch):
     assert "serve.host must be an address of this machine" in r.stderr, r.stderr
 
 
+def test_waiting_for_the_service_does_not_take_another_programs_answer(workspace):
+    """A program that answers any path with HTTP 200 and no JSON (the local Ray's metrics exporter, seen on the
+    service's port in the suite): the wait for the service raised JSONDecodeError instead of waiting on and
+    saying what it saw."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from data.errors import IlrError
+    from serving.service import wait_healthy
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"# HELP ray_up 1")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(IlrError, match="did not answer within 1 s .HTTP 200: # HELP ray_up 1"):
+            wait_healthy(f"http://127.0.0.1:{server.server_port}", timeout_s=1)
+    finally:
+        server.shutdown()
+
+
 def test_the_quick_exit_ends_with_a_thread_pool_alive():
     """The CLI's exit (flows.cli._quick_exit) waited forever when a thread pool was alive — MLflow keeps one for
     artifact transfers with an MLflow server: seen as `ilr retrain` never ending after its work. It now ends as
